@@ -1,0 +1,28 @@
+"""LoRA for transformers' GPT-2 ``Conv1D``, whose weight is stored (in, out): y = x·W0 + b.
+
+A and B keep nn.Linear's (out, in) orientation (as PEFT stores them on disk); only ΔW is transposed
+when merged, because Conv1D's weight is ΔWᵀ-shaped ("fan_in_fan_out").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .linear import Linear
+
+
+class GPT2Conv1D(Linear):
+    """LoRA around ``transformers.pytorch_utils.Conv1D(nf=d, nx=k)``, weight (k, d)."""
+
+    fan_in_fan_out = True
+
+    @property
+    def in_features(self) -> int:
+        return int(self.base_layer.weight.shape[0])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.base_layer.weight.shape[1])
+
+    def _weight_as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()

@@ -1,0 +1,67 @@
+"""LoRA for ``nn.Linear``: y = W0·x + b + s·B·A·dropout(x), W0 ∈ R^{d×k} stored (out, in)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LoraLayer
+
+
+class Linear(LoraLayer):
+    """LoRA around an ``nn.Linear(k, d)``.
+
+    Shapes: x (..., k) → y (..., d); ``lora_A[name]`` is ``nn.Linear(k, r)`` (weight r×k) and
+    ``lora_B[name]`` is ``nn.Linear(r, d)`` (weight d×r), PEFT's layout, so state-dict keys match PEFT's.
+    """
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    @property
+    def in_features(self) -> int:
+        return int(self.base_layer.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.base_layer.weight.shape[0])
+
+    def _create_factors(self, adapter_name: str, r: int) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+
+    def _weight_as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight viewed as (d, k); GPT-2's Conv1D overrides this with a transpose."""
+        return weight
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        a, b = self.factors(adapter_name)
+        delta = (b.float() @ a.float()) * self.scaling[adapter_name]  # (d, r)·(r, k) = (d, k)
+        return self._weight_as_out_in(delta)
+
+    def lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        a, b = self.factors(adapter_name)
+        dropped = self.lora_dropout[adapter_name](self._adapter_input(x, adapter_name))
+        # (x·Aᵀ)·Bᵀ: never forms the d×k product B·A.
+        return (dropped @ a.t()) @ b.t() * self.scaling[adapter_name]
+
+    def _init_from_base_weight(self, adapter_name: str, init: str) -> None:
+        """PiSSA / OLoRA: A, B from the top-r SVD / QR of W0; W0 -= s·B·A so the output is unchanged."""
+        a, b = self.factors(adapter_name)
+        r, scale = self.r[adapter_name], self.scaling[adapter_name]
+        weight = self.base_layer.weight
+        w = self._weight_as_out_in(weight.data).float()  # (d, k)
+        if init == "pissa":
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            root = (s[:r] / scale).sqrt()
+            new_a, new_b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+        else:  # olora
+            q, rr = torch.linalg.qr(w)
+            new_a, new_b = rr[:r], q[:, :r]  # as PEFT: the residual W0 - s·Q_r·R_r stays in the base
+        with torch.no_grad():
+            a.copy_(new_a)
+            b.copy_(new_b)
+            adjusted = w - scale * (new_b @ new_a)
+            weight.data = self._weight_as_out_in(adjusted).to(weight.dtype).contiguous()

@@ -1,0 +1,314 @@
+"""PeftModel: the wrapper ``get_peft_model`` returns — adapters by name, merge, disable, mixed batches.
+
+Module tree (as PEFT's, so state-dict keys and files match): ``PeftModel.base_model`` is a ``LoraModel``
+whose ``.model`` is the user's model with its targeted modules wrapped in LoRA layers. Every key therefore
+starts with ``base_model.model.``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .inject import adapter_layers, inject_adapter, mark_trainable, replace_with_base
+from .layers.base import BASE_ROW, LoraLayer
+from .mixed import BatchPlan
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def validate_adapter_name(name: object) -> str:
+    """Adapter names become dict keys and directory names: letters, digits, '_' and '-' only."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == BASE_ROW:
+        raise ValueError(
+            f"adapter name {name!r} is invalid: use letters, digits, '_' or '-' (no dots, slashes or '..'), "
+            f"and not {BASE_ROW!r}, e.g. 'default' or 'sentiment_v2'."
+        )
+    return name
+
+
+class LoraModel(nn.Module):
+    """Holds the adapted model as ``.model`` (the middle of the ``base_model.model.`` key prefix)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A model with LoRA adapters: h = W0·x + Σ_active (α/r)·B·A·x in every adapted layer.
+
+    Build one with ``get_peft_model(model, config)``. Only the active adapters' factors (plus
+    ``modules_to_save`` copies and biases per ``config.bias``) require grad; everything else is frozen.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        validate_adapter_name(adapter_name)
+        if isinstance(model, PeftModel) or any(True for _ in adapter_layers(model)):
+            raise ValueError(
+                "the model already holds LoRA adapters; call add_adapter(name, config) on its PeftModel "
+                "instead of wrapping it again."
+            )
+        inject_adapter(model, peft_config, adapter_name)  # validates first: on error the model is unchanged
+        self.base_model = LoraModel(model)
+        self.peft_config: dict[str, LoraConfig] = {adapter_name: peft_config}
+        self._active: list[str] = []
+        self.set_adapter(adapter_name)
+        # HF Trainer keeps only the dataset columns named in forward's signature: expose the base
+        # model's parameters (plus adapter_names) instead of (*args, **kwargs).
+        self.forward = functools.partial(PeftModel._forward, self)  # type: ignore[method-assign]
+        self.forward.__signature__ = _signature_with_adapter_names(model.forward)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """``generate`` of the base model; ``adapter_names`` (one per row) holds for every step."""
+        with self._mixed_batch(adapter_names, args, kwargs):
+            generate: Any = self.get_base_model().generate
+            return generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: list[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        plan = self._plan_mixed_batch(adapter_names, args, kwargs)
+        layers = list(adapter_layers(self.base_model.model))
+        for layer in layers:
+            layer.batch_plan = plan
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.batch_plan = None
+
+    def _plan_mixed_batch(self, adapter_names: list[str], args: tuple, kwargs: dict) -> BatchPlan:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}.")
+        unknown = sorted({n for n in adapter_names if n != BASE_ROW and n not in self.peft_config})
+        if unknown:
+            raise ValueError(
+                f"adapter_names contains unknown adapter(s) {unknown}; known: {sorted(self.peft_config)} "
+                f"or {BASE_ROW!r} for no adapter."
+            )
+        if self.merged_adapters:
+            raise ValueError(
+                f"a mixed batch needs unmerged adapters, but {self.merged_adapters} are merged into the base "
+                "weights; call unmerge_adapter() first."
+            )
+        batch = _batch_size(args, kwargs)
+        if batch is not None and batch != len(adapter_names):
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows; "
+                "give exactly one adapter name per row."
+            )
+        device = next(self.parameters()).device
+        return BatchPlan.build(list(adapter_names), device)
+
+    # ------------------------------------------------------------------ parameters
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with LoRA layers inside it)."""
+        return self.base_model.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters), each counted once even if shared (tied weights)."""
+        seen: set[int] = set()
+        trainable = total = 0
+        for param in self.parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            total += param.numel()
+            trainable += param.numel() if param.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        """The active adapter's name (the first one when several are active)."""
+        return self._active[0]
+
+    @property
+    def merged_adapters(self) -> list[str]:
+        names: list[str] = []
+        for layer in self._lora_layers():
+            names.extend(n for n in layer.merged_adapters if n not in names)
+        return names
+
+    def _lora_layers(self) -> Iterator[LoraLayer]:
+        return (m for m in adapter_layers(self.base_model.model) if isinstance(m, LoraLayer))
+
+    def _require_adapter(self, name: str) -> None:
+        if name not in self.peft_config:
+            raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}.")
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Add a new adapter (inactive until ``set_adapter``). Fails, changing nothing, if the name exists."""
+        validate_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name or "
+                             "delete_adapter() it first.")
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}.")
+        inject_adapter(self.base_model.model, peft_config, adapter_name)
+        self.peft_config[adapter_name] = peft_config
+        self._apply_active(self._active)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters the active ones (their outputs add up); only they are trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._require_adapter(name)
+        if self.merged_adapters and set(names) != set(self.merged_adapters):
+            raise ValueError(
+                f"adapters {self.merged_adapters} are merged into the base weights; call unmerge_adapter() "
+                f"before activating {names}."
+            )
+        self._apply_active(names)
+
+    def _apply_active(self, names: list[str]) -> None:
+        self._active = list(names)
+        for layer in adapter_layers(self.base_model.model):
+            layer.active_adapters = [n for n in names if n in layer.adapter_names]
+        trainable = not any(self.peft_config[n].inference_mode for n in names)
+        bias = self.peft_config[names[0]].bias if names else "none"
+        mark_trainable(self.base_model.model, names, bias, trainable=trainable)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. Refused while it is merged (its ΔW would silently stay in the base)."""
+        self._require_adapter(adapter_name)
+        if adapter_name in self.merged_adapters:
+            raise ValueError(
+                f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
+                "deleting it, or its update would stay in the model with nothing left to remove it."
+            )
+        if len(self.peft_config) == 1:
+            raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back.")
+        for layer in adapter_layers(self.base_model.model):
+            layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        remaining = [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]
+        self._apply_active(remaining)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model inside this block; the prior state returns on exit, even after an exception.
+
+        Merged adapters are unmerged on entry and merged again on exit (bit-exact both ways).
+        """
+        merged = self.merged_adapters
+        if merged:
+            self.unmerge_adapter()
+        layers = list(adapter_layers(self.base_model.model))
+        previous = [layer.disable_adapters for layer in layers]
+        for layer in layers:
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, state in zip(layers, previous, strict=True):
+                layer.disable_adapters = state
+            if merged:
+                self.merge_adapter(merged)
+
+    # ------------------------------------------------------------------ merge
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """W ← W + s·B·A for each adapter (default: the active ones) in every layer; idempotent.
+
+        While merged, forward costs exactly the base forward. ``unmerge_adapter`` restores W0 bit-exactly
+        (see ``lorakit.layers.base`` for the mechanism and its memory cost: 1 byte per merged weight element).
+        """
+        names = self._active if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._require_adapter(name)
+        for layer in self._lora_layers():
+            layer.merge([n for n in names if n in layer.r])
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights, restoring W0 bit for bit."""
+        for layer in self._lora_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain base model with no lorakit module left."""
+        return replace_with_base(self.base_model.model, merge=True)
+
+    def unload(self) -> nn.Module:
+        """Return the plain base model, weights untouched (merged adapters are unmerged first)."""
+        self.unmerge_adapter()
+        return replace_with_base(self.base_model.model, merge=False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with a LoRA adapter per ``peft_config`` (PEFT's entry point, same arguments).
+
+    Args:
+        model: any ``nn.Module``; the targeted modules are replaced in place by LoRA layers.
+        peft_config: which modules and how (see ``LoraConfig``).
+        adapter_name: name of this first adapter.
+
+    Raises:
+        ValueError / TypeError: bad config or targets; the model is left exactly as it was.
+    """
+    if not isinstance(peft_config, LoraConfig):
+        raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}; "
+                        "build it with lorakit.LoraConfig(...).")
+    return PeftModel(model, peft_config, adapter_name)
+
+
+def _signature_with_adapter_names(forward: Any) -> inspect.Signature:
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError):
+        signature = inspect.Signature([inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)])
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None)
+    if not any(p.name == "adapter_names" for p in params):
+        insert_at = len(params)
+        params.insert(insert_at, extra)
+    params += [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    return signature.replace(parameters=params)
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
