@@ -67,7 +67,7 @@ def test_unload_returns_untouched_base(gpt2: nn.Module, ids: torch.Tensor) -> No
 
 def test_trainable_count_gpt2_small_shapes() -> None:
     model = make_gpt2(n_layer=12, n_embd=768, vocab=16)  # c_attn 768 → 2304, GPT-2 small's shape
-    model.transformer.h[0].attn.c_attn.weight.shape == (768, 2304)
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (768, 2304)
     peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn"]))
     trainable, total = peft.get_nb_trainable_parameters()
     assert trainable == 294_912 == 12 * 8 * (768 + 2304)
