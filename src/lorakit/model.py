@@ -219,6 +219,25 @@ class PeftModel(nn.Module):
         remaining = [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]
         self._apply_active(remaining)
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        seed: int | None = None,
+    ) -> None:
+        """Add ``adapter_name`` combining ``adapters`` with ``weights``; see ``lorakit.arithmetic.add_weighted_adapter``."""
+        from .arithmetic import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank=svd_rank,
+                             svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method,
+                             seed=seed)
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model inside this block; the prior state returns on exit, even after an exception.
