@@ -90,7 +90,7 @@ def _to_factor_orientation(kind: type[LoraLayer] | None, module: nn.Module, weig
     return weight
 
 
-def _lowrank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lowrank_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of B·A (d×K) without forming it: QR both factors, SVD the small core.
 
     B = Q_B·R_B and Aᵀ = Q_A·R_A give B·A = Q_B·(R_B·R_Aᵀ)·Q_Aᵀ; the core is at most r×r.
@@ -350,7 +350,7 @@ def add_weighted_adapter(
             b_all = torch.cat([ws * b for ws, (_, b) in zip(scaled, flat, strict=True)], dim=1)
             a_all = torch.cat([a for a, _ in flat])
             if combination_type == "svd":
-                u, s, vh = _lowrank_svd(b_all, a_all)  # Σ wᵢsᵢBᵢAᵢ = [w₁s₁B₁ …]·[A₁; …]
+                u, s, vh = lowrank_svd(b_all, a_all)  # Σ wᵢsᵢBᵢAᵢ = [w₁s₁B₁ …]·[A₁; …]
             else:
                 deltas = [layer.scaling[name] * (b @ a) for (name, _), (a, b) in zip(present, flat, strict=True)]
                 merged = rule(deltas, torch.tensor([w for _, w in present], dtype=torch.float64))
@@ -394,7 +394,7 @@ def resize_adapter(model: PeftModel, adapter_name: str, new_adapter_name: str, *
     for path, layer in _lora_layers(model, adapter_name):
         a, b = _flat_factors(layer, adapter_name)
         b = b * layer.scaling[adapter_name]
-        u, s, vh = _lowrank_svd(b, a)
+        u, s, vh = lowrank_svd(b, a)
         k = choose_rank(s, rank, energy, min(b.shape[0], a.shape[1]))
         a_new, b_new = _truncate(u, s, vh, k)
         factors[path] = (a_new, b_new)
