@@ -196,13 +196,15 @@ def test_matches_peft_add_weighted_adapter(kind: str, kwargs: dict) -> None:
                                                   init_lora_weights=False), "a")
     ours.add_adapter("b", LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"], init_lora_weights=False))
     randomize_lora(ours)
-    theirs = peft.get_peft_model(make_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]),
-                                 adapter_name="a")
-    theirs.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"]))
-    assert theirs.load_state_dict(ours.state_dict(), strict=False).unexpected_keys == []
+    # PEFT warns about adapter names that occur inside "lora_" (like "a"), so its adapters are p and q.
+    theirs = peft.get_peft_model(make_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"],
+                                                              fan_in_fan_out=True), adapter_name="p")
+    theirs.add_adapter("q", peft.LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True))
+    renamed = {k.replace(".a.", ".p.").replace(".b.", ".q."): v for k, v in ours.state_dict().items()}
+    assert theirs.load_state_dict(renamed, strict=False).unexpected_keys == []
     weights = [0.8, -0.4] if kind in ("cat", "svd", "linear") else [0.8, 0.4]
     ours.add_weighted_adapter(["a", "b"], weights, "m", combination_type=kind, **kwargs)
-    theirs.add_weighted_adapter(["a", "b"], weights, "m", combination_type=kind, **kwargs)
+    theirs.add_weighted_adapter(["p", "q"], weights, "m", combination_type=kind, **kwargs)
     for path, layer in _layers(ours, "m").items():
         peft_layer = theirs.base_model.model.get_submodule(path)
         torch.testing.assert_close(layer.delta_weight("m"), peft_layer.get_delta_weight("m"), atol=1e-5, rtol=1e-4)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         targets = targets[0]  # all-linear, or a regex: a string in LoraConfig's terms
     base_dir = resolve_model_dir(args.model, [])
     base = load_base_model(base_dir, args.dtype)
-    finetuned = load_base_model(Path(args.finetuned), args.dtype)
+    finetuned = load_base_model(Path(args.finetuned), args.dtype, "--finetuned")
     result = extract_adapter(base, finetuned, targets, rank=rank, energy=args.energy, task_type="CAUSAL_LM")
     result.model.peft_config["default"].base_model_name_or_path = str(base_dir)
     save_default_adapter(result.model, output)
