@@ -1,17 +1,97 @@
 """Mixed-adapter batches: row i of a batch goes through adapter ``adapter_names[i]`` in every layer.
 
-The wrapper builds one ``BatchPlan`` per forward (rows grouped by adapter once), and every LoRA layer
-applies it: the base output is computed for the whole batch, then each adapter's LoRA branch is computed
-on its rows only and added in place. Rows named ``"__base__"`` get no adapter.
+The wrapper builds one ``BatchPlan`` per forward (or per ``generate`` call) and every LoRA layer applies
+it to its base output. Rows named ``"__base__"`` get no adapter, nor do rows whose adapter does not adapt
+that layer.
+
+Vectorised path (inference): each layer's adapters are stacked once into A (S+1, r_max, k) and
+s·Bᵀ (S+1, r_max, d) — zero-padded to the largest rank, the last slot all zeros — and cached until an
+adapter of that layer is added, removed, rescaled or has its weights changed (checked through the
+factors' version counters). The plan maps each row to a slot once per distinct set of adapter names, so
+a layer costs two ``index_select`` and two ``bmm`` (``lorakit.ops.gathered_lora_linear``) whatever the
+number of adapters or rows: no Python loop over adapters.
+
+Training through a mixed batch (a gradient must reach some adapter's factors) uses the same kernels on
+stacks built afresh, differentiably, for that forward. Per-adapter loop (the fallback): when an
+adapter's dropout is active (training mode), for ``nn.Conv1d/2d`` layers, and for embeddings with
+``max_norm``. Each adapter's rows are then selected, run through ``lora_output`` and added back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
+from . import ops
 from .layers.base import BASE_ROW, LoraLayer
+from .layers.embedding import Embedding
+from .layers.linear import Linear
+
+
+@dataclass
+class StackedFactors:
+    """All adapters of one layer, stacked for gathered kernels; ``names[i]`` is slot i, slot S is zero."""
+
+    names: tuple[str, ...]
+    key: tuple
+    a: torch.Tensor  # Linear: (S+1, r_max, k); Embedding: ((S+1)·vocab, r_max), slot s at rows s·vocab…
+    bt: torch.Tensor  # (S+1, r_max, d), scale folded in
+
+
+_STACKS: weakref.WeakKeyDictionary[LoraLayer, StackedFactors] = weakref.WeakKeyDictionary()
+
+
+def clear_cache() -> None:
+    """Drop every cached stack (they are rebuilt on the next mixed batch); frees their memory."""
+    _STACKS.clear()
+
+
+def _stack_key(layer: LoraLayer) -> tuple:
+    """What the stacks depend on: names, scales, and each factor's identity, version and location."""
+    parts: list[object] = []
+    for name, scale in layer.scaling.items():
+        a, b = layer.factors(name)
+        parts += [name, scale, a._version, b._version, a.data_ptr(), b.data_ptr(), a.device, a.dtype]
+    return tuple(parts)
+
+
+def stacked_factors(layer: LoraLayer) -> StackedFactors:
+    """The cached stacks of ``layer``'s adapters (no autograd), rebuilt if anything they depend on changed."""
+    key = _stack_key(layer)
+    cached = _STACKS.get(layer)
+    if cached is not None and cached.key == key:
+        return cached
+    with torch.no_grad():
+        stacks = build_stacks(layer, key=key)
+    _STACKS[layer] = stacks
+    return stacks
+
+
+def build_stacks(layer: LoraLayer, trainable: frozenset[str] = frozenset(), key: tuple = ()) -> StackedFactors:
+    """Stack every adapter of ``layer`` (see ``StackedFactors``). Gradients reach the factors of the
+    adapters named in ``trainable`` (through the slice copies); the others are copied detached."""
+    names = tuple(layer.scaling)
+    r_max = max(layer.r[n] for n in names)
+    a0, b0 = layer.factors(names[0])
+    slots = len(names) + 1
+    embedding = isinstance(layer, Embedding)
+    vocab = a0.shape[1]
+    a = a0.new_zeros(slots * vocab, r_max) if embedding else a0.new_zeros(slots, r_max, a0.shape[1])
+    bt = b0.new_zeros(slots, r_max, b0.shape[0])
+    for i, name in enumerate(names):
+        fa, fb = layer.factors(name)
+        if name not in trainable:
+            fa, fb = fa.detach(), fb.detach()
+        r = layer.r[name]
+        if embedding:
+            a[i * vocab:(i + 1) * vocab, :r] = fa.t()
+        else:
+            a[i, :r] = fa
+        bt[i, :r] = fb.t() * layer.scaling[name]
+    return StackedFactors(names, key, a, bt)
 
 
 @dataclass
@@ -20,6 +100,9 @@ class BatchPlan:
 
     adapter_names: list[str]
     groups: dict[str, torch.Tensor]
+    device: torch.device | None = None
+    # slot names of a stack -> (N,) slot per row; most layers share one set of names, so few entries.
+    _rows: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, adapter_names: list[str], device: torch.device | None = None) -> BatchPlan:
@@ -27,10 +110,20 @@ class BatchPlan:
         for i, name in enumerate(adapter_names):
             rows.setdefault(name, []).append(i)
         groups = {n: torch.tensor(r, dtype=torch.long, device=device) for n, r in rows.items() if n != BASE_ROW}
-        return cls(list(adapter_names), groups)
+        return cls(list(adapter_names), groups, device)
 
     def __len__(self) -> int:
         return len(self.adapter_names)
+
+    def slot_rows(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """(N,) index of each row's adapter in ``names``; ``len(names)`` (the zero slot) if absent."""
+        rows = self._rows.get(names)
+        if rows is None:
+            position = {n: i for i, n in enumerate(names)}
+            rows = torch.tensor([position.get(n, len(names)) for n in self.adapter_names], dtype=torch.long,
+                                device=device)
+            self._rows[names] = rows
+        return rows if rows.device == device else rows.to(device)
 
     def apply(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result (N, ...) from the base layer → result with each row's adapter added."""
@@ -40,10 +133,38 @@ class BatchPlan:
                 f"{x.shape[0]} rows; give one adapter name per row (num_beams/num_return_sequences > 1 "
                 "multiply rows: repeat the names accordingly)."
             )
-        for name, rows in self.groups.items():
-            if name not in layer.r:
-                continue  # this layer is not adapted by that adapter
-            rows = rows.to(x.device)
+        used = [name for name in self.groups if name in layer.r]
+        if not used:
+            return result  # every row is "__base__" or uses an adapter this layer does not have
+        if self._needs_loop(layer, used):
+            return self._apply_loop(layer, x, result, used)
+        trainable = frozenset(
+            name for name in used if torch.is_grad_enabled() and any(f.requires_grad for f in layer.factors(name))
+        )
+        # Training through a mixed batch: stacks built afresh, differentiable; inference: cached stacks.
+        stacks = build_stacks(layer, trainable) if trainable else stacked_factors(layer)
+        rows = self.slot_rows(stacks.names, x.device)
+        if isinstance(layer, Embedding):
+            vocab = layer.base_layer.weight.shape[0]
+            return ops.gathered_lora_embedding(x, result, stacks.a, stacks.bt, rows, vocab)
+        return ops.gathered_lora_linear(x, result, stacks.a, stacks.bt, rows)
+
+    @staticmethod
+    def _needs_loop(layer: LoraLayer, used: list[str]) -> bool:
+        if isinstance(layer, Embedding):
+            if layer.base_layer.max_norm is not None:
+                return True
+        elif not isinstance(layer, Linear):
+            return True  # nn.Conv1d/2d: per-adapter loop
+        for name in used:
+            drop = layer.lora_dropout[name]
+            if drop.training and not isinstance(drop, nn.Identity) and getattr(drop, "p", 1.0) > 0:
+                return True  # per-adapter dropout probabilities: per-adapter loop
+        return False
+
+    def _apply_loop(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, used: list[str]) -> torch.Tensor:
+        for name in used:
+            rows = self.groups[name].to(x.device)
             delta = layer.lora_output(x.index_select(0, rows), name).to(result.dtype)
             result = result.index_add(0, rows, delta)
         return result

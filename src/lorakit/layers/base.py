@@ -154,17 +154,33 @@ class LoraLayer(nn.Module):
         return x.to(a.dtype) if x.is_floating_point() else x
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        """h = base(x) + Σ_active s·B·A·dropout(x); exactly ``base_layer(x)`` when nothing is live.
+
+        Adapters that are merged (already inside W) or disabled add no operation at all. Linear-like
+        layers take the fused path of ``lorakit.ops`` where it applies; a mixed batch (``batch_plan``)
+        goes through ``lorakit.mixed``.
+        """
         if self.disable_adapters:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         plan = self.batch_plan
         if plan is not None:
-            return plan.apply(self, x, result)
-        for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.r:
-                continue
+            return plan.apply(self, x, self.base_layer(x, *args, **kwargs))
+        live = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.r]
+        if not live:
+            return self.base_layer(x, *args, **kwargs)
+        if not args and not kwargs:
+            fused = self._fused_forward(x, live)
+            if fused is not None:
+                return fused
+        result = self.base_layer(x, *args, **kwargs)
+        for name in live:
             result = result + self.lora_output(x, name).to(result.dtype)
         return result
+
+    def _fused_forward(self, x: torch.Tensor, live: list[str]) -> torch.Tensor | None:
+        """The whole forward through ``lorakit.ops``' fused function, or None where it does not apply
+        (then the plain autograd path above runs). Layer kinds with a fused kernel override this."""
+        return None
 
     # ------------------------------------------------------------------ merge
     def merge(self, adapter_names: list[str] | None = None) -> None:

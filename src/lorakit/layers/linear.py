@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import ops
 from .base import LoraLayer
 
 
@@ -15,10 +16,19 @@ class Linear(LoraLayer):
     ``lora_B[name]`` is ``nn.Linear(r, d)`` (weight d×r), PEFT's layout, so state-dict keys match PEFT's.
     """
 
+    fan_in_fan_out = False
+    """True when the base weight is stored (in, out), as GPT-2's Conv1D does."""
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        # The fused path recomputes the base matmul itself, so only for base kinds whose forward it knows.
+        self._fusable_base = self._is_fusable_base(base_layer)
+
+    @staticmethod
+    def _is_fusable_base(base_layer: nn.Module) -> bool:
+        return type(base_layer) is nn.Linear
 
     @property
     def in_features(self) -> int:
@@ -46,6 +56,28 @@ class Linear(LoraLayer):
         dropped = self.lora_dropout[adapter_name](self._adapter_input(x, adapter_name))
         # (x·Aᵀ)·Bᵀ: never forms the d×k product B·A.
         return (dropped @ a.t()) @ b.t() * self.scaling[adapter_name]
+
+    def _fused_forward(self, x: torch.Tensor, live: list[str]) -> torch.Tensor | None:
+        """y = x·W0ᵀ + b + Σ s·B·A·dropout(x) via ``ops.lora_linear``; None where it does not apply (see
+        ``lorakit.ops``: autocast, dtype mismatch, hooked or unknown base, compiling with dropout)."""
+        base = self.base_layer
+        if not (self._fusable_base and ops.fused_enabled() and x.dtype == base.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type) and not ops.has_hooks(base)):
+            return None
+        adapters = []
+        for name in live:
+            drop = self.lora_dropout[name]
+            if isinstance(drop, nn.Dropout):
+                p = drop.p if drop.training else 0.0
+            elif isinstance(drop, nn.Identity):
+                p = 0.0
+            else:
+                return None  # a dropout module we do not know how to redraw
+            if p > 0.0 and torch.compiler.is_compiling():
+                return None  # the compiler regenerates dropout masks itself; give it plain ops
+            a, b = self.factors(name)
+            adapters.append((a, b, self.scaling[name], p))
+        return ops.lora_linear(x, base.weight, base.bias, self.fan_in_fan_out, adapters)
 
     def _init_from_base_weight(self, adapter_name: str, init: str) -> None:
         """PiSSA / OLoRA: A, B from the top-r SVD / QR of W0; W0 -= s·B·A so the output is unchanged."""

@@ -1,0 +1,225 @@
+"""The fused LoRA function (lorakit.ops): gradients equal plain autograd, what it saves, what it dispatches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lorakit import ops
+from lorakit.layers import GPT2Conv1D, Linear
+
+K, D, N_ROWS, T = 16, 12, 3, 5
+
+
+class AtenOps(TorchDispatchMode):
+    """Records the name of every ATen op dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def make_layer(kind: str, bias: str, n_adapters: int, dropout: float, dtype: torch.dtype = torch.float32):
+    """A LoRA layer with non-zero B; bias: "none" (frozen), "trainable", or "absent"."""
+    if kind == "linear":
+        layer: Linear = Linear(nn.Linear(K, D, bias=bias != "absent"))
+    else:
+        from transformers.pytorch_utils import Conv1D
+
+        base = Conv1D(D, K)
+        nn.init.normal_(base.weight, std=0.2)
+        nn.init.normal_(base.bias, std=0.2)
+        layer = GPT2Conv1D(base)
+    names = [f"a{i}" for i in range(n_adapters)]
+    for i, name in enumerate(names):
+        layer.update_layer(name, r=4 + 2 * i, lora_alpha=8 + i, lora_dropout=dropout, init_lora_weights=False,
+                           use_rslora=False)
+        with torch.no_grad():
+            layer.factors(name)[1].normal_(std=0.3)
+    layer.active_adapters = names
+    layer.base_layer.to(dtype)
+    layer.base_layer.weight.requires_grad_(False)
+    if layer.base_layer.bias is not None:
+        layer.base_layer.bias.requires_grad_(bias == "trainable")
+    return layer.train()
+
+
+def reference_forward(layer: Linear, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """h = base(x) + Σ s·B·A·(x ⊙ mask / keep) with plain autograd and the fused op's masks."""
+    torch.manual_seed(seed)
+    result = layer.base_layer(x)
+    for name in layer.active_adapters:
+        a, b = layer.factors(name)
+        xc = x.to(a.dtype)
+        p = layer.lora_dropout[name].p if isinstance(layer.lora_dropout[name], nn.Dropout) else 0.0
+        if p > 0:
+            flat = xc.reshape(-1, xc.shape[-1])
+            xc = xc * ops.dropout_mask(flat, 1 - p, ops.draw_seed()).view_as(xc) / (1 - p)
+        result = result + ((xc @ a.t()) @ b.t() * layer.scaling[name]).to(result.dtype)
+    return result
+
+
+def grads(layer: Linear, x: torch.Tensor, y: torch.Tensor, grad_out: torch.Tensor) -> dict[str, torch.Tensor]:
+    params = {n: p for n, p in layer.named_parameters() if p.requires_grad}
+    inputs = [x, *params.values()]
+    values = torch.autograd.grad(y, inputs, grad_out)
+    return dict(zip(["x", *params], values, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("bias", ["none", "trainable", "absent"])
+@pytest.mark.parametrize("n_adapters", [1, 2])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_matches_plain_autograd(kind: str, bias: str, n_adapters: int, dropout: float) -> None:
+    if kind == "conv1d" and bias == "absent":
+        pytest.skip("GPT-2's Conv1D always has a bias")
+    layer = make_layer(kind, bias, n_adapters, dropout)
+    x = torch.randn(N_ROWS, T, K, requires_grad=True)
+    grad_out = torch.randn(N_ROWS, T, D)
+
+    torch.manual_seed(7)
+    fused = layer(x)
+    assert type(fused.grad_fn).__name__ == "ViewBackward0"
+    assert type(fused.grad_fn.next_functions[0][0]).__name__ == "FusedLoraLinearBackward"
+    expected = reference_forward(layer, x, seed=7)
+
+    torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+    got, want = grads(layer, x, fused, grad_out), grads(layer, x, expected, grad_out)
+    assert got.keys() == want.keys()
+    assert any("lora_A" in k for k in got) and ("base_layer.bias" in got) == (bias == "trainable")
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_dropout_is_applied_and_mask_redrawn_identically() -> None:
+    layer = make_layer("linear", "none", 1, dropout=0.5)
+    x = torch.randn(4, K, requires_grad=True)
+    torch.manual_seed(3)
+    first = layer(x)
+    torch.manual_seed(3)
+    again = layer(x)
+    layer.eval()
+    no_dropout = layer(x)
+    torch.testing.assert_close(first, again, atol=0, rtol=0)
+    assert not torch.allclose(first, no_dropout)
+    seed = 123
+    torch.testing.assert_close(ops.dropout_mask(x, 0.5, seed), ops.dropout_mask(x, 0.5, seed), atol=0, rtol=0)
+
+
+def test_base_weight_gradient_when_unfrozen() -> None:
+    for kind in ("linear", "conv1d"):
+        layer = make_layer(kind, "trainable", 2, dropout=0.2)
+        layer.base_layer.weight.requires_grad_(True)
+        x = torch.randn(N_ROWS, T, K, requires_grad=True)
+        grad_out = torch.randn(N_ROWS, T, D)
+        torch.manual_seed(1)
+        got = grads(layer, x, layer(x), grad_out)
+        want = grads(layer, x, reference_forward(layer, x, seed=1), grad_out)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_low_precision_input_with_fp32_adapters(dtype: torch.dtype, dropout: float) -> None:
+    layer = make_layer("linear", "trainable", 2, dropout, dtype=dtype)
+    a, b = layer.factors("a0")
+    assert a.dtype == b.dtype == torch.float32 and layer.base_layer.weight.dtype == dtype
+    x = torch.randn(N_ROWS, T, K, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(N_ROWS, T, D, dtype=dtype)
+    torch.manual_seed(5)
+    fused = layer(x)
+    assert fused.dtype == dtype
+    assert type(fused.grad_fn.next_functions[0][0]).__name__ == "FusedLoraLinearBackward"
+    expected = reference_forward(layer, x, seed=5)
+    tol = {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(fused, expected, **tol)
+    got, want = grads(layer, x, fused, grad_out), grads(layer, x, expected, grad_out)
+    for name in want:
+        assert got[name].dtype == want[name].dtype, name
+        torch.testing.assert_close(got[name], want[name], **tol, msg=name)
+
+
+def test_siblings_save_one_copy_of_their_input() -> None:
+    """q, k, v reading the same x (dropout on): what autograd keeps is x once plus the (N, r) products."""
+    layers = [make_layer("linear", "none", 1, dropout=0.1) for _ in range(3)]
+    x = torch.randn(64, K, requires_grad=True)
+    params = {p.data_ptr() for layer in layers for p in layer.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = [layer(x) for layer in layers]
+    r = layers[0].r["a0"]
+    assert x.untyped_storage().data_ptr() in saved
+    assert sum(saved.values()) == x.numel() * 4 + 3 * 64 * r * 4
+    sum(o.sum() for o in outs).backward()
+
+
+def test_forward_aten_ops_are_pinned() -> None:
+    """The hot path's op list: a regression (an extra copy, cast or elementwise pass) fails here."""
+    layer = make_layer("linear", "none", 1, dropout=0.0)
+    x = torch.randn(N_ROWS, T, K)
+    expected = ["view", "t", "addmm", "t", "mm", "t", "addmm_", "view"]
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), AtenOps() as recorder:
+            layer(x)
+        assert recorder.ops == expected, (grad, recorder.ops)
+    layer.active_adapters = ["a0", "a0"]  # a second active adapter costs exactly one mm + one addmm_ more
+    with torch.no_grad(), AtenOps() as recorder:
+        layer(x)
+    assert len(recorder.ops) == len(expected) + 4
+
+
+def test_disabled_or_merged_forward_is_the_base_forward() -> None:
+    for kind in ("linear", "conv1d"):
+        layer = make_layer(kind, "none", 2, dropout=0.1)
+        x = torch.randn(N_ROWS, T, K)
+        with AtenOps() as base_ops:
+            base_out = layer.base_layer(x)
+        layer.disable_adapters = True
+        with AtenOps() as disabled:
+            out = layer(x)
+        assert disabled.ops == base_ops.ops
+        torch.testing.assert_close(out, base_out, atol=0, rtol=0)
+        layer.disable_adapters = False
+        layer.merge()
+        with AtenOps() as merged:
+            layer(x)
+        assert merged.ops == base_ops.ops
+
+
+def test_falls_back_under_autocast_and_hooks() -> None:
+    layer = make_layer("linear", "none", 1, dropout=0.0)
+    x = torch.randn(N_ROWS, T, K, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert "Fused" not in type(out.grad_fn).__name__ and out.dtype == torch.bfloat16
+
+    calls = []
+    handle = layer.base_layer.register_forward_hook(lambda *args: calls.append(1))
+    out = layer(x)
+    handle.remove()
+    assert calls == [1]
+    with ops.use_fused(False):
+        plain = layer(x)
+    assert type(plain.grad_fn).__name__ == "AddBackward0"
+    torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_fused_matches_lora_output_on_1d_and_noncontiguous_inputs() -> None:
+    layer = make_layer("linear", "none", 1, dropout=0.0)  # (GPT-2's Conv1D itself rejects strided x)
+    for x in (torch.randn(K), torch.randn(T, N_ROWS, K).transpose(0, 1)):
+        with ops.use_fused(False):
+            expected = layer(x)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
