@@ -346,3 +346,28 @@ def test_extract_from_full_finetune_is_closer_than_base() -> None:
 def test_extract_rejects_mismatched_models() -> None:
     with pytest.raises(ValueError, match="share the architecture"):
         extract_adapter(make_gpt2(), make_gpt2(n_embd=48), ["c_attn"], rank=2)
+
+
+def test_extract_reports_tied_weights_it_cannot_follow() -> None:
+    base = make_gpt2()
+    finetuned = copy.deepcopy(base)
+    with torch.no_grad():
+        finetuned.transformer.wte.weight += 0.1  # also GPT-2's lm_head (tied)
+    result = extract_adapter(base, finetuned, ["wte"], rank=1)
+    assert result.uncaptured == ["lm_head.weight (tied to transformer.wte.weight)"]
+
+
+def test_combine_modules_to_save() -> None:
+    model = get_peft_model(make_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["ln_f"],
+                                                   init_lora_weights=False), "a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    wrapper = model.get_base_model().transformer.ln_f
+    with torch.no_grad():
+        wrapper.modules_to_save["a"].weight.fill_(2.0)
+    add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "m", "cat")  # one owner: its trained copy is taken
+    assert model.peft_config["m"].modules_to_save == ["ln_f"]
+    assert torch.equal(wrapper.modules_to_save["m"].weight, wrapper.modules_to_save["a"].weight)
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["ln_f"]))
+    with pytest.raises(ValueError, match="modules_to_save"):
+        add_weighted_adapter(model, ["a", "c"], [1.0, 1.0], "n", "cat")
+    assert "n" not in model.peft_config

@@ -447,6 +447,7 @@ def extract_adapter(
                          f"{' …' if len(problems) > 5 else ''}; both models must share the architecture.")
     factors: dict[str, Factors] = {}
     reports: list[LayerRankReport] = []
+    changed: set[str] = set()
     for p in plans:
         kind = layer_class_for(p.module)
         w_ft: torch.Tensor = finetuned[p.name].weight  # type: ignore[assignment]
@@ -459,6 +460,8 @@ def extract_adapter(
         factors[p.name] = (a_new, b_new)
         kept = matrix - b_new @ a_new
         norm = float(torch.linalg.matrix_norm(matrix))
+        if norm > 0:
+            changed.add(p.name)
         reports.append(LayerRankReport(p.name, s.numel(), k, _energy(s, k),
                                        float(torch.linalg.matrix_norm(kept)) / norm if norm > 0 else 0.0))
     targeted = {p.name for p in plans}
@@ -466,6 +469,13 @@ def extract_adapter(
     uncaptured = [n for n, param in finetuned_model.named_parameters()
                   if n.rsplit(".", 1)[0] not in targeted or not n.endswith("weight")
                   if n in base_params and not torch.equal(param.detach().cpu(), base_params[n].detach().cpu())]
+    # A tied weight (GPT-2's wte is also lm_head) changed for both users; the adapter changes only one.
+    users: dict[int, list[str]] = {}
+    for name, module in base_model.named_modules(remove_duplicate=False):
+        if isinstance(getattr(module, "weight", None), torch.Tensor):
+            users.setdefault(id(module.weight), []).append(name)
+    uncaptured += [f"{other}.weight (tied to {p.name}.weight)" for p in plans if p.name in changed
+                   for other in users.get(id(p.module.weight), []) if other not in targeted]
     config = _config_for_ranks(LoraConfig(target_modules=["_"], task_type=task_type),
                                {p: f[0].shape[0] for p, f in factors.items()})
     model = get_peft_model(base_model, config, adapter_name)
