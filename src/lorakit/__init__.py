@@ -7,6 +7,7 @@
 
 from .config import LoraConfig, TaskType
 from .errors import LorakitWarning
+from .io import load_adapter_weights, save_adapter_weights
 from .layers.base import BASE_ROW
 from .model import PeftModel, get_peft_model
 
@@ -19,5 +20,7 @@ __all__ = [
     "PeftModel",
     "TaskType",
     "get_peft_model",
+    "load_adapter_weights",
+    "save_adapter_weights",
     "__version__",
 ]

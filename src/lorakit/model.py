@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -258,6 +259,84 @@ class PeftModel(nn.Module):
                 layer.disable_adapters = state
             if merged:
                 self.merge_adapter(merged)
+
+    # ------------------------------------------------------------------ files (PEFT's format; see lorakit.io)
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        selected_adapters: list[str] | None = None,
+        safe_serialization: bool = True,
+        verify: bool = True,
+    ) -> None:
+        """Write adapters as PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors`` in
+        ``save_directory`` for "default", in ``save_directory/<name>/`` for the others.
+
+        Each file is replaced atomically (weights first, then config), so an interrupted save leaves the
+        old or the new adapter, never a torn one. The safetensors metadata also records a fingerprint of the
+        base weights, checked on load (see ``lorakit.fingerprint``).
+
+        Args:
+            save_directory: created if needed.
+            selected_adapters: adapter names to save (default: all).
+            safe_serialization: safetensors (default) or a legacy pickle ``adapter_model.bin``.
+            verify: read the files back and compare them with what was meant to be written.
+
+        Raises:
+            ValueError: unknown adapter, or a target path that is a file or a symbolic link.
+            OSError: writing failed, or ``verify`` found the files differ.
+        """
+        from .io import save_pretrained
+
+        save_pretrained(self, save_directory, selected_adapters, safe_serialization, verify)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        allow_base_mismatch: bool = False,
+        use_safetensors: bool = True,
+    ) -> PeftModel:
+        """Wrap ``model`` with the adapter saved in directory ``model_id`` (by lorakit or by PEFT).
+
+        Everything (files, config, base fingerprint, every key and shape) is checked before the model is
+        touched: on error it is left exactly as it was.
+
+        Args:
+            model: the base model the adapter was trained on (no adapters yet).
+            model_id: the adapter's directory (``save_directory/<name>`` for a non-default adapter).
+            adapter_name: the name it gets in this model.
+            is_trainable: False (default) loads it frozen, in inference mode.
+            allow_base_mismatch: load even if the stored base fingerprint differs from ``model``'s.
+            use_safetensors: if False, a legacy ``adapter_model.bin`` may be read (weights only).
+
+        Raises:
+            FileNotFoundError: missing directory, config or weights.
+            ValueError: malformed or unsupported config, corrupt weights, missing/unexpected keys, shape
+                mismatches, a different base model, an invalid adapter name.
+        """
+        from .io import from_pretrained
+
+        return from_pretrained(cls, model, model_id, adapter_name, is_trainable, allow_base_mismatch,
+                               use_safetensors)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_base_mismatch: bool = False,
+        use_safetensors: bool = True,
+    ) -> None:
+        """Add the adapter saved in ``model_id`` as ``adapter_name`` (inactive until ``set_adapter``).
+
+        Same checks and errors as ``from_pretrained``; on error the model is unchanged.
+        """
+        from .io import load_adapter
+
+        load_adapter(self, model_id, adapter_name, is_trainable, allow_base_mismatch, use_safetensors)
 
     # ------------------------------------------------------------------ merge
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
