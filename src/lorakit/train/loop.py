@@ -38,6 +38,7 @@ from .data import (
     load_records,
     tokenize_records,
 )
+from .distributed import Runtime, shard_rows
 from .options import TrainOptions
 
 MAX_LABELS = 10
@@ -225,9 +226,7 @@ class MetricsLog:
 def micro_batches(examples: list[dict[str, list[int]]], indices: list[int], opts: TrainOptions, pad_id: int,
                   rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
     """This process's micro-batches of one optimizer step: rank r takes rows r·B … r·B+B-1 of each slab."""
-    slab = opts.batch_size * world
-    for k in range(opts.grad_accum):
-        rows = indices[k * slab + rank * opts.batch_size: k * slab + (rank + 1) * opts.batch_size]
+    for rows in shard_rows(indices, opts.batch_size, opts.grad_accum, rank, world):
         yield collate([examples[i] for i in rows], pad_id)
 
 
@@ -235,11 +234,17 @@ def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = N
     """Run one LoRA fine-tuning per ``opts``; returns the summary also written to summary.json.
 
     Writes to ``opts.output_dir``: ``adapter/`` (PEFT format), ``metrics.jsonl``, ``loss.png``,
-    ``summary.json`` and ``checkpoints/step-N`` every ``save_every`` steps.
+    ``summary.json`` and ``checkpoints/step-N`` every ``save_every`` steps. Under torchrun every rank
+    runs this; see ``train/distributed.py`` for what each rank does.
     """
-    from . import distributed
+    runtime = Runtime.from_env()
+    with runtime.guard():
+        summary = _train(opts, runtime, model, tokenizer)
+    runtime.close()
+    return summary
 
-    runtime = distributed.Runtime.from_env()
+
+def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokenizer: Any) -> dict[str, Any]:
     started = time.time()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -269,6 +274,7 @@ def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = N
                         target_modules=targets, task_type="CAUSAL_LM",
                         base_model_name_or_path=str(opts.model or "SmolLM2-135M-Instruct"))
     peft = get_peft_model(model, config)
+    runtime.seed_per_rank(opts.seed)
     trainable, total = peft.get_nb_trainable_parameters()
     say(f"LoRA r={opts.r} α={opts.lora_alpha} on {targets}: {trainable:,} trainable of {total:,} parameters "
         f"({100 * trainable / total:.3f} %)")
@@ -276,11 +282,13 @@ def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = N
     global_batch = opts.batch_size * opts.grad_accum * runtime.world
     steps = opts.max_steps or max(1, math.ceil(opts.epochs * len(examples) / global_batch))
     order = data_order(len(examples), opts.seed, steps, global_batch)
-    peft.to(runtime.device)
+    if opts.fsdp and runtime.world > 1 and (opts.save_every or opts.resume):
+        raise ValueError("--fsdp does not write or read resumable checkpoints yet; drop --save-every/--resume, "
+                         "or train without --fsdp (DDP checkpoints resume with any world size).")
+    train_model = runtime.wrap(peft, fsdp=opts.fsdp)  # FSDP shards peft in place: build the optimizer after
     params = [p for p in peft.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = make_schedule(optimizer, opts.schedule, opts.warmup_steps, steps)
-    train_model = runtime.wrap(peft)
 
     start_step = 0
     before: dict[str, float] | None = None
@@ -288,11 +296,24 @@ def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = N
         checkpoint = resolve_checkpoint(opts.resume, out)
         state = load_checkpoint(checkpoint, peft, optimizer, scheduler)
         start_step = int(state["step"])
+        saved_batch = int(state.get("global_batch", global_batch))
+        if saved_batch != global_batch:
+            raise ValueError(
+                f"--resume {checkpoint}: it was trained with a global batch of {saved_batch} examples per step "
+                f"(batch size × grad accum × processes); this run has {opts.batch_size} × {opts.grad_accum} × "
+                f"{runtime.world} = {global_batch}. Choose --batch-size/--grad-accum so the product is {saved_batch}."
+            )
+        rank_rng = state.get("rank_rng", [])
+        if len(rank_rng) == runtime.world:
+            torch.set_rng_state(rank_rng[runtime.rank])
+        elif opts.lora_dropout > 0:
+            say(f"note: the checkpoint was written by {len(rank_rng) or 1} process(es), this run has "
+                f"{runtime.world}: dropout masks from here on differ from an unbroken run.")
         before = json.loads(state.get("before", "null"))
         say(f"resumed from {checkpoint} at step {start_step}/{steps}")
-    if before is None:
+    if before is None:  # every rank evaluates in lockstep (a forward is a collective under FSDP)
         with peft.disable_adapter():
-            before = evaluate(peft, tokenizer, task, opts) if runtime.is_main else {}
+            before = evaluate(peft, tokenizer, task, opts)
         say(f"before training: {format_metric(before)}")
     log = MetricsLog(out / "metrics.jsonl", runtime.is_main, append=bool(opts.resume))
     log.write(step=start_step, split="heldout", phase="before", **before)
@@ -303,6 +324,7 @@ def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = N
     for step in range(start_step, steps):
         indices = order[step * global_batch:(step + 1) * global_batch]
         optimizer.zero_grad(set_to_none=True)
+        runtime.inject_fault(step + 1)
         step_loss = 0.0
         for k, batch in enumerate(micro_batches(examples, indices, opts, tokenizer.pad_token_id, runtime.rank,
                                                 runtime.world)):
@@ -331,24 +353,30 @@ def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = N
             progress.update(1)
         if done % opts.log_every == 0 or done == steps:
             log.write(step=done, loss=step_loss, lr=lr, tokens_per_s=rate, epoch=done * global_batch / len(examples))
-        if opts.eval_every and done % opts.eval_every == 0 and done != steps and runtime.is_main:
+        if opts.eval_every and done % opts.eval_every == 0 and done != steps:
             metrics = evaluate(peft, tokenizer, task, opts)
             log.write(step=done, split="heldout", phase="during", **metrics)
             say(f"step {done}: {format_metric(metrics)}")
             peft.train()
-        if opts.save_every and done % opts.save_every == 0 and runtime.is_main:
-            save_checkpoint(out / "checkpoints", done, peft, optimizer, scheduler,
-                            {"before": json.dumps(before)}, opts.keep_checkpoints)
+        if opts.save_every and done % opts.save_every == 0:
+            rank_rng = runtime.gather_object(torch.get_rng_state())
+            if runtime.is_main:
+                save_checkpoint(out / "checkpoints", done, peft, optimizer, scheduler,
+                                {"before": json.dumps(before), "global_batch": global_batch, "rank_rng": rank_rng},
+                                opts.keep_checkpoints)
         runtime.barrier()
     if progress is not None:
         progress.close()
     peft.eval()
+    digest = runtime.check_agreement(peft)  # raises if the ranks' adapters differ
+    after = evaluate(peft, tokenizer, task, opts)  # in lockstep on every rank, like `before`
+    whole = runtime.consolidate(peft)  # rank 0: the unsharded model (gathered under FSDP); others: None
 
     summary: dict[str, Any] = {"options": opts.to_dict(), "task": task.description, "steps": steps,
-                               "trainable_params": trainable, "total_params": total, "before": before}
-    if runtime.is_main:
-        peft.save_pretrained(str(out / "adapter"))
-        after = evaluate(peft, tokenizer, task, opts)
+                               "trainable_params": trainable, "total_params": total, "before": before,
+                               "world_size": runtime.world, "adapter_digest": digest}
+    if isinstance(whole, PeftModel):
+        whole.save_pretrained(str(out / "adapter"))
         log.write(step=steps, split="heldout", phase="after", **after)
         summary.update(after=after, seconds=time.time() - started, adapter=str(out / "adapter"))
         if "accuracy" in after:
@@ -361,11 +389,11 @@ def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = N
         if "gain" in summary:
             say(f"gain: {100 * summary['gain']:+.1f} points = {summary['gain_in_stderr']:.1f} standard errors "
                 f"(n={after['n']})")
-        if opts.samples:
-            print_samples(peft, tokenizer, task, opts.samples, say)
+    if opts.samples and (runtime.is_main or runtime.sharded):  # sharded: every rank generates in lockstep
+        print_samples(peft, tokenizer, task, opts.samples, say, synced=runtime.sharded)
+    if runtime.is_main:
         say(f"adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}  plot: {out / 'loss.png'}  "
             f"({summary['seconds']:.0f} s)")
-    runtime.barrier()
     return summary
 
 
@@ -377,13 +405,16 @@ def format_metric(metrics: dict[str, float]) -> str:
     return "(evaluated on rank 0)"
 
 
-def print_samples(peft: PeftModel, tokenizer: Any, task: Task, count: int, say: Any) -> None:
-    """Greedy continuations of a few held-out prompts, base model vs adapter."""
+def print_samples(peft: PeftModel, tokenizer: Any, task: Task, count: int, say: Any, synced: bool = False) -> None:
+    """Greedy continuations of a few held-out prompts, base model vs adapter (``synced``: every rank of a
+    sharded model calls this and generation keeps them in step)."""
     new_tokens = 4 if task.labels is not None else 24
+    device = next(peft.parameters()).device
     for record in task.heldout[:count]:
         prompt = record.get("prompt") or record.get("text", "")[:200]
-        ids = tokenizer(prompt, return_tensors="pt")
-        kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        ids = tokenizer(prompt, return_tensors="pt").to(device)
+        kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                      synced_gpus=synced)
         with torch.no_grad():
             with peft.disable_adapter():
                 base_ids = peft.generate(**ids, **kwargs)

@@ -79,6 +79,9 @@ class TrainOptions:
     """Checkpoint directory to continue from, or "latest" for the newest in output_dir/checkpoints."""
     samples: int = 3
     """Held-out prompts whose generations are printed at the end."""
+    fsdp: bool = False
+    """Under torchrun, shard the model across processes with FSDP2 (for bases too large for one device)
+    instead of replicating it (DDP); ignored with one process."""
     threads: int | None = None
     """torch.set_num_threads (None: torch's default)."""
     progress: bool = True
