@@ -103,6 +103,8 @@ def save_tiny_model_dir(path: object, arch: str = "llama") -> object:
     model = make_llama(vocab=BYTE_VOCAB) if arch == "llama" else make_gpt2(vocab=BYTE_VOCAB)
     model.config.pad_token_id = 0
     model.config.eos_token_id = 1
+    with torch.no_grad():  # a head strong enough that a few LoRA steps can sharpen the logits
+        model.get_output_embeddings().weight.mul_(10)
     model.save_pretrained(str(path))
     make_byte_tokenizer().save_pretrained(str(path))  # type: ignore[attr-defined]
     return path

@@ -13,6 +13,7 @@ Data order: the training examples are visited in a fixed sequence, one seeded pe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -121,6 +122,11 @@ def _label_words(records: list[dict[str, str]]) -> list[str] | None:
         return None
     labels = sorted({r["completion"] for r in records})
     return labels if 2 <= len(labels) <= MAX_LABELS else None
+
+
+def _labels_distinguishable(labels: list[str], tokenizer: Any) -> bool:
+    firsts = [tuple(tokenizer(label, add_special_tokens=False)["input_ids"][:1]) for label in labels]
+    return all(firsts) and len(set(firsts)) == len(firsts)
 
 
 def default_targets(model: nn.Module) -> list[str] | str:
@@ -261,15 +267,24 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
         say(f"model: {model_dir}")
         model, tokenizer = load_causal_lm(model_dir, opts.dtype)
     task = load_task(opts)
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and opts.max_length > limit:
+        say(f"--max-length {opts.max_length} exceeds the model's {limit} positions; using {limit}.")
+        opts = dataclasses.replace(opts, max_length=int(limit))
     examples = tokenize_records(task.train, tokenizer, opts.max_length)
     if not examples:
         raise ValueError(f"the training data ({task.description}) gave no example with a target token; "
                          "check the file's contents and --max-length.")
-    say(f"task: {task.description}; {len(examples)} training examples, {len(task.heldout)} held out")
+    if task.labels is not None and not _labels_distinguishable(task.labels, tokenizer):
+        task.labels = None  # labels sharing a first token cannot be scored by one logit: use perplexity
+    say(f"task: {task.description}; {len(examples)} training examples, {len(task.heldout)} held out, scored by "
+        f"{'accuracy' if task.labels else 'perplexity'}")
 
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
-    targets = opts.target_modules or default_targets(model)
+    targets: list[str] | str = opts.target_modules or default_targets(model)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
     config = LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
                         target_modules=targets, task_type="CAUSAL_LM",
                         base_model_name_or_path=str(opts.model or "SmolLM2-135M-Instruct"))
@@ -333,7 +348,7 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
                 logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 loss = sequence_mean_loss(logits, batch["labels"]) / opts.grad_accum
                 loss.backward()
-            step_loss += float(loss)
+            step_loss += float(loss.detach())
             tokens_seen += int(batch["attention_mask"].sum())
         step_loss = runtime.mean(step_loss)
         if not math.isfinite(step_loss):
@@ -413,6 +428,9 @@ def print_samples(peft: PeftModel, tokenizer: Any, task: Task, count: int, say: 
     for record in task.heldout[:count]:
         prompt = record.get("prompt") or record.get("text", "")[:200]
         ids = tokenizer(prompt, return_tensors="pt").to(device)
+        limit = getattr(peft.config, "max_position_embeddings", None) or getattr(peft.config, "n_positions", None)
+        if limit is not None:  # keep prompt + continuation inside the model's positions
+            ids = {k: v[:, -max(1, int(limit) - new_tokens):] for k, v in ids.items()}
         kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                       synced_gpus=synced)
         with torch.no_grad():

@@ -34,7 +34,8 @@ class TrainOptions:
     eval_size: int | None = 1000
     """Evaluate on at most this many held-out examples (None: all)."""
     target_modules: list[str] | None = None
-    """Modules to adapt; None: q_proj+v_proj (Llama-style), c_attn (GPT-2), else all-linear."""
+    """Modules to adapt, comma-separated, or all-linear; None: q_proj+v_proj (Llama-style), c_attn (GPT-2),
+    else all-linear."""
     r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16
@@ -118,6 +119,8 @@ class TrainOptions:
             raise ValueError(f"--dtype={self.dtype!r} is invalid: use one of {', '.join(DTYPES)}.")
         if isinstance(self.target_modules, str):
             self.target_modules = [t for t in self.target_modules.split(",") if t]
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("--target-modules is empty: name modules (e.g. q_proj,v_proj) or use all-linear.")
 
     @classmethod
     def field_names(cls) -> list[str]:
