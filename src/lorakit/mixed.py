@@ -23,7 +23,6 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from . import ops
 from .layers.base import BASE_ROW, LoraLayer
@@ -36,41 +35,53 @@ class StackedFactors:
     """All adapters of one layer, stacked for gathered kernels; ``names[i]`` is slot i, slot S is zero."""
 
     names: tuple[str, ...]
-    key: tuple
     a: torch.Tensor  # Linear: (S+1, r_max, k); Embedding: ((S+1)·vocab, r_max), slot s at rows s·vocab…
     bt: torch.Tensor  # (S+1, r_max, d), scale folded in
+    dropout_names: tuple[str, ...] = ()  # adapters with dropout p > 0 (active in training mode)
+    fingerprint: tuple = field(default=(), repr=False)
 
 
 _STACKS: weakref.WeakKeyDictionary[LoraLayer, StackedFactors] = weakref.WeakKeyDictionary()
 
 
 def clear_cache() -> None:
-    """Drop every cached stack (they are rebuilt on the next mixed batch); frees their memory."""
+    """Drop every cached stack (rebuilt on the next mixed batch). Needed only after changing factors in a
+    way autograd's version counters do not see (``param.data.add_(…)``); optimizer steps,
+    ``load_state_dict``, ``copy_`` under ``no_grad`` and new/deleted adapters are detected."""
     _STACKS.clear()
 
 
-def _stack_key(layer: LoraLayer) -> tuple:
-    """What the stacks depend on: names, scales, and each factor's identity, version and location."""
-    parts: list[object] = []
-    for name, scale in layer.scaling.items():
-        a, b = layer.factors(name)
-        parts += [name, scale, a._version, b._version, a.data_ptr(), b.data_ptr(), a.device, a.dtype]
-    return tuple(parts)
+def _factor_tensors(layer: LoraLayer) -> list[torch.Tensor]:
+    """[A, B] of every adapter in ``layer.scaling`` order, read straight from the containers' dicts (the
+    hot path runs this once per layer and forward, for every loaded adapter)."""
+    if isinstance(layer, Embedding):
+        pa, pb = layer.lora_embedding_A._parameters, layer.lora_embedding_B._parameters
+        return [t for n in layer.scaling for t in (pa[n], pb[n])]  # type: ignore[misc]
+    ma, mb = layer.lora_A._modules, layer.lora_B._modules
+    return [t for n in layer.scaling for t in (ma[n]._parameters["weight"], mb[n]._parameters["weight"])]
+
+
+def _fingerprint(layer: LoraLayer, tensors: list[torch.Tensor]) -> tuple:
+    """What the stacks depend on: names, ranks, scales, and each factor's identity, version and storage
+    (``.to()`` swaps ``param.data`` without a version bump; the storage pointer catches it)."""
+    return (tuple(layer.scaling.items()), tuple(layer.r.items()),
+            tuple([(id(t), t._version, t.data_ptr()) for t in tensors]))
 
 
 def stacked_factors(layer: LoraLayer) -> StackedFactors:
     """The cached stacks of ``layer``'s adapters (no autograd), rebuilt if anything they depend on changed."""
-    key = _stack_key(layer)
+    fingerprint = _fingerprint(layer, _factor_tensors(layer))
     cached = _STACKS.get(layer)
-    if cached is not None and cached.key == key:
+    if cached is not None and cached.fingerprint == fingerprint:
         return cached
     with torch.no_grad():
-        stacks = build_stacks(layer, key=key)
+        stacks = build_stacks(layer)
+    stacks.fingerprint = fingerprint
     _STACKS[layer] = stacks
     return stacks
 
 
-def build_stacks(layer: LoraLayer, trainable: frozenset[str] = frozenset(), key: tuple = ()) -> StackedFactors:
+def build_stacks(layer: LoraLayer, trainable: frozenset[str] = frozenset()) -> StackedFactors:
     """Stack every adapter of ``layer`` (see ``StackedFactors``). Gradients reach the factors of the
     adapters named in ``trainable`` (through the slice copies); the others are copied detached."""
     names = tuple(layer.scaling)
@@ -91,7 +102,8 @@ def build_stacks(layer: LoraLayer, trainable: frozenset[str] = frozenset(), key:
         else:
             a[i, :r] = fa
         bt[i, :r] = fb.t() * layer.scaling[name]
-    return StackedFactors(names, key, a, bt)
+    dropout_names = tuple(n for n in names if getattr(layer.lora_dropout[n], "p", 0.0) > 0)
+    return StackedFactors(names, a, bt, dropout_names)
 
 
 @dataclass
@@ -136,31 +148,21 @@ class BatchPlan:
         used = [name for name in self.groups if name in layer.r]
         if not used:
             return result  # every row is "__base__" or uses an adapter this layer does not have
-        if self._needs_loop(layer, used):
-            return self._apply_loop(layer, x, result, used)
-        trainable = frozenset(
-            name for name in used if torch.is_grad_enabled() and any(f.requires_grad for f in layer.factors(name))
-        )
-        # Training through a mixed batch: stacks built afresh, differentiable; inference: cached stacks.
-        stacks = build_stacks(layer, trainable) if trainable else stacked_factors(layer)
+        embedding = isinstance(layer, Embedding)
+        if not (isinstance(layer, Linear) or embedding) or (embedding and layer.base_layer.max_norm is not None):
+            return self._apply_loop(layer, x, result, used)  # nn.Conv1d/2d, renormalised embeddings
+        stacks = stacked_factors(layer)
+        if any(layer.lora_dropout[n].training for n in stacks.dropout_names if n in self.groups):
+            return self._apply_loop(layer, x, result, used)  # per-adapter dropout probabilities
+        if torch.is_grad_enabled():
+            trainable = frozenset(n for n in used if any(f.requires_grad for f in layer.factors(n)))
+            if trainable:  # training through a mixed batch: stacks built afresh, differentiable
+                stacks = build_stacks(layer, trainable)
         rows = self.slot_rows(stacks.names, x.device)
-        if isinstance(layer, Embedding):
+        if embedding:
             vocab = layer.base_layer.weight.shape[0]
             return ops.gathered_lora_embedding(x, result, stacks.a, stacks.bt, rows, vocab)
         return ops.gathered_lora_linear(x, result, stacks.a, stacks.bt, rows)
-
-    @staticmethod
-    def _needs_loop(layer: LoraLayer, used: list[str]) -> bool:
-        if isinstance(layer, Embedding):
-            if layer.base_layer.max_norm is not None:
-                return True
-        elif not isinstance(layer, Linear):
-            return True  # nn.Conv1d/2d: per-adapter loop
-        for name in used:
-            drop = layer.lora_dropout[name]
-            if drop.training and not isinstance(drop, nn.Identity) and getattr(drop, "p", 1.0) > 0:
-                return True  # per-adapter dropout probabilities: per-adapter loop
-        return False
 
     def _apply_loop(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, used: list[str]) -> torch.Tensor:
         for name in used:

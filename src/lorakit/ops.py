@@ -12,7 +12,7 @@ Fused LoRA (``lora_linear``), for y = x·W0ᵀ + b + Σ_j s_j·B_j·A_j·dropout
 Saved for backward: x itself (the input tensor object, so q/k/v siblings reading the same x share one
 saved copy), the (N, r) products h_j, and an integer seed per dropout adapter. The dropout mask is not
 saved: it is drawn from a private generator seeded with that integer and drawn again in backward (same
-shape, dtype, device and seed give the same mask), so dropout adds no saved activation at all, where the
+shape, device and seed give the same mask), so dropout adds no saved activation at all, where the
 straightforward version saves a dropped copy of x and a mask per adapter (REFERENCE.md's cost model).
 The 1/keep of inverted dropout is folded into s_j.
 
@@ -76,16 +76,22 @@ def draw_seed() -> int:
 
 
 def dropout_mask(like: torch.Tensor, keep: float, seed: int | None) -> torch.Tensor:
-    """Bernoulli(keep) mask shaped and typed like ``like``; deterministic given ``seed``.
+    """Boolean mask shaped like ``like``, each element True with probability ``keep``; deterministic given
+    ``seed`` (``None``: torch's global generator, for inference where nothing is redrawn).
 
-    With ``seed=None`` the global generator is used (inference: nothing has to be redrawn).
+    Drawn as 31 random bits per element compared with round(keep·2³¹): ``random_`` on int64 words is
+    several times faster on the CPU than ``bernoulli_``, which matters because backward draws it again.
     """
-    mask = torch.empty_like(like, memory_format=torch.contiguous_format)
+    numel = like.numel()
+    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=like.device)
     if seed is None:
-        return mask.bernoulli_(keep)
-    generator = torch.Generator(device=like.device)
-    generator.manual_seed(seed)
-    return mask.bernoulli_(keep, generator=generator)
+        words.random_()
+    else:
+        generator = torch.Generator(device=like.device)
+        generator.manual_seed(seed)
+        words.random_(generator=generator)
+    bits = words.view(torch.int32)[:numel].view(like.shape) & 0x7FFFFFFF  # uniform on [0, 2³¹)
+    return bits < round(keep * 2**31)
 
 
 def _lora_forward(
@@ -107,8 +113,8 @@ def _lora_forward(
         a, b = factors[2 * j], factors[2 * j + 1]
         xc = x2d if x2d.dtype == a.dtype else _cast(cast, x2d, a.dtype)
         if keeps[j] < 1.0:
-            xc = xc * dropout_mask(xc, keeps[j], seeds[j])
-        h = torch.mm(xc, a.t())  # (N, r)
+            xc = torch.where(dropout_mask(xc, keeps[j], seeds[j]), xc, 0.0)
+        h = torch.mm(a, xc.t()).t()  # (N, r), computed as (A·xᵀ)ᵀ: see _SKINNY
         scale = scales[j] / keeps[j]
         if out.dtype == b.dtype:
             out.addmm_(h, b.t(), alpha=scale)
@@ -116,6 +122,13 @@ def _lora_forward(
             out.add_(torch.mm(h, b.t()), alpha=scale)
         hs.append(h)
     return out, hs
+
+
+# _SKINNY: the LoRA matmuls have one dimension r (≈ 8). MKL's CPU kernels are several times slower for
+# some operand layouts of such skinny products than for their transposes (measured on 1024×2304 by 2304×8:
+# g·B 3.6–4.3 ms vs (Bᵀ·gᵀ)ᵀ 1.5–2.2 ms; gᵀ·h 11 ms vs (hᵀ·g)ᵀ 1.8 ms), so each product below is
+# written in the orientation that keeps the long dimension contiguous. PEFT's nn.Linear backward takes
+# the slow ones.
 
 
 def _cast(cache: dict[torch.dtype, torch.Tensor], t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -174,18 +187,17 @@ class FusedLoraLinear(torch.autograd.Function):
             need_a, need_bb = need_factor[2 * j], need_factor[2 * j + 1]
             scale = scales[j] / keeps[j]
             gc = g if g.dtype == b.dtype else _cast(cast_g, g, b.dtype)
-            g_h = torch.mm(gc, b)  # (N, r): gradient w.r.t. h_j, before the scale
+            g_h = torch.mm(b.t(), gc.t()).t()  # (N, r) = g·B, the gradient w.r.t. h_j before the scale
             mask = None
             if keeps[j] < 1.0 and (need_a or need_x):
-                xc = x2d if x2d.dtype == a.dtype else _cast(cast_x, x2d, a.dtype)
-                mask = dropout_mask(xc, keeps[j], seeds[j])  # the forward's mask, drawn again
+                mask = dropout_mask(x2d, keeps[j], seeds[j])  # the forward's mask, drawn again
             grad_a = grad_b_j = None
             if need_a:
                 xc = x2d if x2d.dtype == a.dtype else _cast(cast_x, x2d, a.dtype)
-                dropped = xc if mask is None else xc * mask
+                dropped = xc if mask is None else torch.where(mask, xc, 0.0)
                 grad_a = torch.mm(g_h.t(), dropped).mul_(scale)  # (r, k)
             if need_bb:
-                grad_b_j = torch.mm(gc.t(), h).mul_(scale)  # (d, r)
+                grad_b_j = torch.mm(h.t(), gc).t().mul_(scale)  # (d, r) = gᵀ·h
             if grad_x is not None:
                 if mask is None and grad_x.dtype == a.dtype:
                     grad_x.addmm_(g_h, a, alpha=scale)
