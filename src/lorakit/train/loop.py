@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LoraConfig
+from ..guards import check_lora_gradients, nonfinite_parameters, warn_if_lora_B_zero
 from ..model import PeftModel, get_peft_model
-from .checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import (
     IGNORE_INDEX,
     classification_accuracy,
@@ -65,7 +66,9 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.Mo
         FileNotFoundError: the directory or its config.json is missing.
         ValueError: the directory holds no causal language model.
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
@@ -73,6 +76,8 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.Mo
             f"--model {model_dir}: no config.json there; pass a local Hugging Face model directory "
             "(one written by save_pretrained), or omit --model for the embedded SmolLM2."
         )
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise (and breaks one-line errors)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
@@ -80,7 +85,13 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.Mo
         raise ValueError(f"--model {model_dir} is not a causal language model ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0]}); lorakit train needs an AutoModelForCausalLM.") from None
     except OSError as exc:
-        raise FileNotFoundError(f"--model {model_dir}: cannot load weights ({str(exc).splitlines()[0]}).") from None
+        raise FileNotFoundError(f"--model {model_dir}: cannot load the model ({str(exc).splitlines()[0]}).") from None
+    except SafetensorError as exc:
+        raise ValueError(f"--model {model_dir}: its weights cannot be read ({str(exc).splitlines()[0]}); the file "
+                         "is truncated or corrupt — re-save or re-download the model.") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -153,6 +164,50 @@ def sequence_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
     per_sequence = token_loss.sum(dim=1) / counts.clamp(min=1)
     return per_sequence[counts > 0].mean() if bool((counts > 0).any()) else per_sequence.sum() * 0.0
+
+
+def left_pad(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Move each row's padding (right, from ``collate``) to the left, so all sequences end together."""
+    lengths = batch["attention_mask"].sum(dim=1)
+    width = batch["attention_mask"].shape[1]
+    # Row i is rolled right by (width - length_i): its tokens end at the last column.
+    index = (torch.arange(width)[None, :] - (width - lengths)[:, None]) % width
+    return {k: v.gather(1, index) for k, v in batch.items()}
+
+
+def forward_for_loss(model: nn.Module, batch: dict[str, torch.Tensor],
+                     keep_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and aligned labels for ``sequence_mean_loss``, computing the vocabulary projection only where a
+    target needs it.
+
+    Rows are left-padded (explicit position_ids keep every row's positions 0, 1, …) so that completions
+    end in the same columns; the output head then runs only on the last K positions, K = 1 + the longest
+    span from a row's first target to the end. For short completions (the default task: 2 target tokens)
+    this skips the 49k-vocabulary projection on ~95 % of the positions. Models whose forward takes no
+    ``logits_to_keep`` get the full logits.
+    """
+    if not keep_logits:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.logits, batch["labels"]
+    batch = left_pad(batch)
+    mask = batch["attention_mask"]
+    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    targets = batch["labels"] != IGNORE_INDEX
+    width = mask.shape[1]
+    first = int(torch.where(targets.any(dim=0))[0].min()) if bool(targets.any()) else width - 1
+    keep = width - max(first - 1, 0)
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=position_ids, logits_to_keep=keep)
+    return out.logits, batch["labels"][:, width - keep:]
+
+
+def accepts_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "logits_to_keep" in parameters and "position_ids" in parameters
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -255,6 +310,9 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
     if opts.threads:
         torch.set_num_threads(opts.threads)
     out = Path(opts.output_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--output-dir {out} is a file; give a directory (it will hold adapter/, "
+                                 "checkpoints/ and metrics.jsonl).")
     say = runtime.print
 
     if model is None:
@@ -333,6 +391,7 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
     log = MetricsLog(out / "metrics.jsonl", runtime.is_main, append=bool(opts.resume))
     log.write(step=start_step, split="heldout", phase="before", **before)
 
+    keep_logits = accepts_logits_to_keep(peft.get_base_model())
     progress = _progress_bar(steps, start_step, opts.progress and runtime.is_main)
     peft.train()
     tokens_seen, window_start = 0, time.time()
@@ -345,17 +404,16 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
                                                 runtime.world)):
             with runtime.no_sync(train_model, last=k == opts.grad_accum - 1):
                 batch = {k: v.to(runtime.device) for k, v in batch.items()}
-                logits = train_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = sequence_mean_loss(logits, batch["labels"]) / opts.grad_accum
+                logits, labels = forward_for_loss(train_model, batch, keep_logits)
+                loss = sequence_mean_loss(logits, labels) / opts.grad_accum
                 loss.backward()
             step_loss += float(loss.detach())
             tokens_seen += int(batch["attention_mask"].sum())
+        if step == start_step:
+            check_lora_gradients(peft)  # guard: a factor without gradient would silently never train
         step_loss = runtime.mean(step_loss)
         if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"loss is {step_loss} at step {step + 1}; stopped without saving this step (the last checkpoint "
-                "is intact). Lower --lr or use --dtype float32."
-            )
+            raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; {_stopped(out)}")
         if opts.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
         optimizer.step()
@@ -374,6 +432,7 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
             say(f"step {done}: {format_metric(metrics)}")
             peft.train()
         if opts.save_every and done % opts.save_every == 0:
+            _require_finite(peft, done, out)
             rank_rng = runtime.gather_object(torch.get_rng_state())
             if runtime.is_main:
                 save_checkpoint(out / "checkpoints", done, peft, optimizer, scheduler,
@@ -391,6 +450,8 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
                                "trainable_params": trainable, "total_params": total, "before": before,
                                "world_size": runtime.world, "adapter_digest": digest}
     if isinstance(whole, PeftModel):
+        _require_finite(whole, steps, out)
+        warn_if_lora_B_zero(whole, steps)
         whole.save_pretrained(str(out / "adapter"))
         log.write(step=steps, split="heldout", phase="after", **after)
         summary.update(after=after, seconds=time.time() - started, adapter=str(out / "adapter"))
@@ -410,6 +471,22 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
         say(f"adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}  plot: {out / 'loss.png'}  "
             f"({summary['seconds']:.0f} s)")
     return summary
+
+
+def _stopped(out: Path) -> str:
+    """The end of a non-finite-loss/parameter error: nothing was saved, where the last good checkpoint is."""
+    found = list_checkpoints(out / "checkpoints")
+    kept = (f"the last good checkpoint is {found[-1]} (resume with --resume latest)" if found
+            else "no checkpoint was written yet (--save-every N keeps some)")
+    return f"stopped without saving this step; {kept}. Lower --lr or use --dtype float32."
+
+
+def _require_finite(model: nn.Module, step: int, out: Path) -> None:
+    """Guard: NaN/inf never reaches a checkpoint or the adapter."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise FloatingPointError(f"parameters {bad[:3]}{' …' if len(bad) > 3 else ''} hold NaN or infinity after "
+                                 f"step {step}; {_stopped(out)}")
 
 
 def format_metric(metrics: dict[str, float]) -> str:
