@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Union
 
@@ -26,6 +27,9 @@ _MATH_CHANGING_KEYS_UNSUPPORTED: dict[str, Any] = {
     "use_bdlora": None,
     "loftq_config": {},
 }
+
+MAX_RANK = 1 << 20
+"""Largest rank accepted (far above any weight dimension in use; bounds what a config can make lorakit allocate)."""
 
 InitLoraWeights = Union[bool, Literal["gaussian", "pissa", "olora"]]  # noqa: UP007 (runtime alias)
 
@@ -89,25 +93,39 @@ class LoraConfig:
     """Always "LORA"."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r={self.r!r} is invalid: r must be a positive integer (e.g. r=8).")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or not 0 < self.r <= MAX_RANK:
+            raise ValueError(
+                f"LoraConfig.r={self.r!r} is invalid: r must be a positive integer up to {MAX_RANK} (e.g. r=8)."
+            )
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(
             self.lora_alpha
         ):
             raise ValueError(f"LoraConfig.lora_alpha={self.lora_alpha!r} is invalid: use a finite number (e.g. 16).")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+        if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
+                or not 0.0 <= self.lora_dropout < 1.0):
             raise ValueError(
                 f"LoraConfig.lora_dropout={self.lora_dropout!r} is invalid: use a probability in [0, 1), e.g. 0.05."
             )
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig.bias={self.bias!r} is invalid: use one of 'none', 'all', 'lora_only'.")
-        if self.init_lora_weights not in (True, False, "gaussian", "pissa", "olora"):
+        if not (isinstance(self.init_lora_weights, bool) or self.init_lora_weights in ("gaussian", "pissa", "olora")):
             raise ValueError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is invalid: use True (Kaiming-uniform A), "
                 "'gaussian', False (non-zero B, tests only), 'pissa' or 'olora'."
             )
         if self.peft_type != "LORA":
             raise ValueError(f"LoraConfig.peft_type={self.peft_type!r} is invalid: lorakit only handles 'LORA'.")
+        for name in ("use_rslora", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoraConfig.{name}={getattr(self, name)!r} is invalid: use true or false.")
+        if self.fan_in_fan_out is not None and not isinstance(self.fan_in_fan_out, bool):
+            raise ValueError(f"LoraConfig.fan_in_fan_out={self.fan_in_fan_out!r} is invalid: use true, false or null.")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            raise ValueError(f"LoraConfig.base_model_name_or_path={self.base_model_name_or_path!r} is invalid: "
+                             "use a string (a model id or directory) or null.")
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, (list, tuple, set, frozenset)):
+            raise ValueError(f"LoraConfig.modules_to_save={self.modules_to_save!r} is invalid: use a list of module "
+                             "names (e.g. ['lm_head']) or null.")
         self.target_modules = _normalise_names("target_modules", self.target_modules)
         self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
@@ -116,7 +134,7 @@ class LoraConfig:
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_to_transform is not None and (
             not isinstance(self.layers_to_transform, list)
-            or not all(isinstance(i, int) and i >= 0 for i in self.layers_to_transform)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform)
         ):
             raise ValueError(
                 f"LoraConfig.layers_to_transform={self.layers_to_transform!r} is invalid: "
@@ -126,11 +144,22 @@ class LoraConfig:
             if not isinstance(pattern, dict):
                 raise ValueError(f"LoraConfig.{name}={pattern!r} is invalid: use a dict of module pattern -> value.")
         for key, value in self.rank_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"LoraConfig.rank_pattern[{key!r}]={value!r} is invalid: ranks are positive ints.")
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_RANK:
+                raise ValueError(f"LoraConfig.rank_pattern[{key!r}]={value!r} is invalid: ranks are positive ints "
+                                 f"up to {MAX_RANK}.")
         for key, alpha in self.alpha_pattern.items():
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-                raise ValueError(f"LoraConfig.alpha_pattern[{key!r}]={alpha!r} is invalid: alphas are numbers.")
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+                raise ValueError(f"LoraConfig.alpha_pattern[{key!r}]={alpha!r} is invalid: alphas are finite numbers.")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            for key in pattern:
+                _check_regex(f"{name} key", key, rf"(.*\.)?(?:{key})" if isinstance(key, str) else key)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                _check_regex(name, value, value)
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            allowed = ", ".join(t.value for t in TaskType)
+            raise ValueError(f"LoraConfig.task_type={self.task_type!r} is invalid: use one of {allowed}, or null.")
         if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
             try:
                 self.task_type = TaskType(self.task_type)
@@ -199,6 +228,17 @@ _INERT_PEFT_KEYS = {
     "velora_config",
     "ensure_weight_tying",
 }
+
+
+def _check_regex(what: str, shown: object, pattern: object) -> None:
+    """A ValueError naming ``what`` if ``pattern`` is not a string that compiles as a regular expression."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"LoraConfig {what} {shown!r} is invalid: use a module name or a regular expression string.")
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ValueError(f"LoraConfig {what} {shown!r} is not a valid regular expression ({exc}); escape special "
+                         "characters or use a list of module names.") from None
 
 
 def _normalise_names(field_name: str, value: Any) -> list[str] | str | None:

@@ -113,13 +113,14 @@ def nonfinite_parameters(model: nn.Module) -> list[str]:
 
 
 def lora_B_zero(model: nn.Module) -> list[str]:
-    """Names of LoRA layers (``<module>.<adapter>``) whose B factor is exactly zero everywhere."""
+    """LoRA layers (``<module name in the user's model>.<adapter>``) whose B factor is exactly zero everywhere."""
     zero: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             for adapter in module.r:
                 b = _local(module.factors(adapter)[1].detach())
                 if b.numel() and not bool(b.any()):
+                    name = name.removeprefix("base_model.model.")  # the user's module name
                     zero.append(f"{name}.{adapter}" if name else adapter)
     return zero
 

@@ -290,7 +290,97 @@ def save_adapter_weights(
     return target
 
 
+# Bits per element of every dtype the safetensors format defines.
+_SAFETENSORS_DTYPE_BITS = {
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
+    "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+}
+MAX_HEADER_BYTES = 16 << 20
+"""Largest safetensors header (and adapter_config.json) lorakit reads; real adapters' are a few hundred KB."""
+
+
+def _check_safetensors_layout(path: Path) -> None:
+    """Refuse a safetensors file whose header does not describe exactly the bytes the file holds.
+
+    Runs before safetensors sees the file, reading only the 8-byte length and the header (at most
+    ``MAX_HEADER_BYTES``): every tensor's dtype must be known, its shape non-negative integers, its byte
+    range inside the file and exactly ``numel × element size`` long, and the ranges must tile the data
+    without gaps or overlaps. So a header that declares a 1 TB tensor in a small file is refused here,
+    before anything is mapped or allocated.
+
+    Raises:
+        ValueError: the message names the file and the first inconsistency found.
+    """
+
+    def refuse(problem: str) -> ValueError:
+        return ValueError(f"{path} is not a readable safetensors file ({problem}); it is truncated or corrupt — "
+                          "re-save or re-download the adapter.")
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise refuse(f"it has {size} bytes, fewer than the 8-byte header length")
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > size - 8:
+            raise refuse(f"its header length says {header_size} bytes but only {size - 8} bytes follow")
+        if header_size > MAX_HEADER_BYTES:
+            raise refuse(f"its header is {header_size} bytes, more than the {MAX_HEADER_BYTES} lorakit reads")
+        raw = handle.read(header_size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise refuse(f"its header is not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise refuse(f"its header is a JSON {type(header).__name__}, not an object")
+    data_size = size - 8 - header_size
+    spans: list[tuple[int, int, str]] = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise refuse("its __metadata__ is not an object of strings")
+            continue
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise refuse(f"the entry of tensor {key!r} is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPE_BITS:
+            raise refuse(f"tensor {key!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise refuse(f"tensor {key!r} has shape {shape!r}, not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) \
+                or offsets[0] > offsets[1]:
+            raise refuse(f"tensor {key!r} has data_offsets {offsets!r}, not [begin, end] with 0 ≤ begin ≤ end")
+        begin, end = offsets
+        if end > data_size:
+            raise refuse(f"tensor {key!r} claims bytes {begin}..{end} of the data, but the file holds only "
+                         f"{data_size} bytes of data")
+        bits = _SAFETENSORS_DTYPE_BITS[dtype]
+        numel = 0 if 0 in shape else 1
+        for dim in shape if numel else ():
+            numel *= dim
+            if numel * bits > 8 * data_size:  # stop early: the declared size already exceeds the file
+                break
+        if numel * bits != 8 * (end - begin):
+            shown = "more than the whole file" if numel * bits > 8 * data_size else f"{numel * bits / 8:g} bytes"
+            raise refuse(f"tensor {key!r} is declared {dtype} of shape {shape} ({shown}) but its data takes "
+                         f"{end - begin} bytes")
+        spans.append((begin, end, key))
+    position = 0
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            raise refuse(f"the tensors' data ranges leave a gap or overlap at byte {position} (tensor {key!r})")
+        position = end
+    if position != data_size:
+        raise refuse(f"the tensors describe {position} bytes of data but the file holds {data_size}")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    _check_safetensors_layout(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
@@ -317,7 +407,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 def _read_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a foreign file's pickle protocol: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean "not a usable file"
         raise ValueError(
             f"{path} could not be read as a weights-only PyTorch file ({type(exc).__name__}: {exc}); it is "
@@ -463,10 +555,10 @@ def _payload(model: PeftModel, adapter_name: str, directory: Path, safe_serializ
 def _verify(payload: _Payload) -> None:
     weights_path = payload.directory / payload.weights_name
     config_path = payload.directory / CONFIG_NAME
-    if weights_path.suffix == ".bin":
-        written = _read_bin(weights_path)
-    else:
-        written = _read_safetensors(weights_path)[0]
+    try:
+        written = _read_bin(weights_path) if weights_path.suffix == ".bin" else _read_safetensors(weights_path)[0]
+    except ValueError as exc:  # e.g. the checksum does not match: the bytes on disk are not the ones written
+        raise OSError(f"verification failed: {exc}") from None
     differ = sorted(set(written) ^ set(payload.tensors)) or [
         k for k in payload.tensors
         if written[k].dtype != payload.tensors[k].dtype or not torch.equal(written[k], payload.tensors[k])
@@ -535,6 +627,9 @@ def _parse_json(text: str, source: str) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).") from None
+    except RecursionError:
+        raise ValueError(f"{source} nests JSON arrays/objects too deeply to be an adapter config; re-save or "
+                         "re-download the adapter.") from None
     if not isinstance(data, dict):
         raise ValueError(f"{source} must hold a JSON object, not {type(data).__name__}.")
     return data
@@ -600,10 +695,13 @@ def read_adapter(model_id: str | os.PathLike[str], use_safetensors: bool = True)
     config_path = _checked_file(root, root / CONFIG_NAME)
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: {root} is not an adapter directory (no {CONFIG_NAME}).")
+    if config_path.stat().st_size > MAX_HEADER_BYTES:
+        raise ValueError(f"{config_path} is {config_path.stat().st_size} bytes, far larger than an adapter config "
+                         f"(lorakit reads at most {MAX_HEADER_BYTES}); it is not an adapter_config.json.")
     try:
         text = config_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{config_path} is not UTF-8 text ({exc.reason}).") from None
+        raise ValueError(f"{config_path} is not UTF-8 text ({exc.reason}); re-save it as UTF-8 JSON.") from None
     from_file = _parse_json(text, str(config_path))
     weights_path = _weights_path(root, use_safetensors)
     metadata: dict[str, str] = {}
@@ -796,6 +894,8 @@ def plan_load(model: nn.Module, files: AdapterFiles, adapter_name: str, is_train
         f"{k}: {tuple(t.shape)} in the file, {expected_file[k][1].shape} in the model"
         for k, t in sorted(tensors.items()) if k in expected_file and tuple(t.shape) != expected_file[k][1].shape
     ]
+    not_float = [f"{k} ({t.dtype})" for k, t in sorted(tensors.items()) if not t.is_floating_point()]
+    not_finite = [k for k, t in sorted(tensors.items()) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     blocked = [f"{k} ({expected_file[k][1].blocked})" for k in sorted(tensors)
                if k in expected_file and expected_file[k][1].blocked]
     problems = []
@@ -805,6 +905,10 @@ def plan_load(model: nn.Module, files: AdapterFiles, adapter_name: str, is_train
         problems.append(f"unexpected keys ({len(unexpected)}): {_format_keys(unexpected)}")
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
+    if not_float:
+        problems.append(f"tensors that are not floating point ({len(not_float)}): {_format_keys(not_float)}")
+    if not_finite:
+        problems.append(f"tensors holding NaN or infinity ({len(not_finite)}): {_format_keys(not_finite)}")
     if blocked:
         problems.append(f"base tensors that cannot be written now, unmerge first: {_format_keys(blocked)}")
     if problems:

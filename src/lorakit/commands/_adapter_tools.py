@@ -62,6 +62,7 @@ def resolve_model_dir(arg: str | None, adapter_dirs: Sequence[str]) -> Path:
 def load_base_model(directory: Path, dtype: str, flag: str = "--model") -> nn.Module:
     """A causal LM from a local directory (no tokenizer needed), in eval mode."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     if not (directory / "config.json").is_file():
@@ -75,9 +76,12 @@ def load_base_model(directory: Path, dtype: str, flag: str = "--model") -> nn.Mo
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), local_files_only=True)
     except ValueError as exc:
         raise ValueError(f"{flag} {directory} is not a causal language model "
-                         f"({str(exc).splitlines()[0]}).") from None
+                         f"({str(exc).splitlines()[0]}); pass a directory holding an AutoModelForCausalLM.") from None
     except OSError as exc:
         raise FileNotFoundError(f"{flag} {directory}: cannot load weights ({str(exc).splitlines()[0]}).") from None
+    except SafetensorError as exc:
+        raise ValueError(f"{flag} {directory}: its weights cannot be read ({str(exc).splitlines()[0]}); the file "
+                         "is truncated or corrupt — re-save or re-download the model.") from None
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
@@ -91,7 +95,8 @@ def load_adapters(args: argparse.Namespace, names: Sequence[str]) -> Any:
     directories = list(args.adapter)
     for directory in directories:
         if not Path(directory).is_dir():
-            raise FileNotFoundError(f"--adapter {directory}: no such directory.")
+            raise FileNotFoundError(f"--adapter {directory}: no such directory; pass an adapter directory (it holds "
+                                    "adapter_config.json and adapter_model.safetensors).")
     base = load_base_model(resolve_model_dir(args.model, directories), args.dtype)
     model = PeftModel.from_pretrained(base, directories[0], adapter_name=names[0])
     for directory, name in zip(directories[1:], names[1:], strict=True):

@@ -47,7 +47,8 @@ def load_model_with_adapters(args: argparse.Namespace, require_adapter: bool = F
         raise ValueError("no --adapter given; pass the adapter directory written by lorakit train (…/adapter).")
     for path, _ in specs:
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"--adapter {path}: no such directory.")
+            raise FileNotFoundError(f"--adapter {path}: no such directory; pass an adapter directory (it holds "
+                                    "adapter_config.json and adapter_model.safetensors).")
     model, tokenizer = load_causal_lm(model_dir(args.model), args.dtype)
     if not specs:
         return model, tokenizer, None

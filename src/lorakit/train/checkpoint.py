@@ -1,9 +1,12 @@
 """Resumable training checkpoints: trainable tensors + optimizer + scheduler + RNG + data position.
 
 Layout: ``<output_dir>/checkpoints/step-000050/{trainable.safetensors, state.pt}``. A checkpoint is built in
-a hidden temporary directory, every file fsync-ed, then renamed into place in one ``os.replace``; a crash
-at any moment leaves the previous checkpoints intact and at most a stray ``.tmp-*`` directory, which the
-next save removes. ``state.pt`` is read with ``torch.load(weights_only=True)``: loading never runs code.
+a hidden temporary directory, every file fsync-ed, then renamed into place in one ``os.replace``. A
+checkpoint that goes away (replaced by a re-save of its step, or pruned by ``keep``) is first renamed to a
+hidden ``.tmp-*`` name, atomically, and only then deleted. So a crash at any moment leaves every visible
+``step-*`` directory complete, the previous checkpoints intact, and at most stray ``.tmp-*`` directories,
+which the next save removes. ``state.pt`` is read with ``torch.load(weights_only=True)``: loading never
+runs code.
 """
 
 from __future__ import annotations
@@ -11,10 +14,12 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -71,19 +76,28 @@ def save_checkpoint(
         _fsync_file(staging / name)
     _fsync_dir(staging)
     if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
+        _retire(final)
     os.replace(staging, final)
     _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _retire(old)
     return final
+
+
+def _retire(checkpoint: Path) -> None:
+    """Remove a checkpoint directory so that no crash can leave it half-deleted under its visible name."""
+    hidden = checkpoint.parent / f".tmp-retired-{checkpoint.name}-{os.getpid()}"
+    os.replace(checkpoint, hidden)  # atomic: the step-* name is gone at once
+    _fsync_dir(checkpoint.parent)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()
+             and (p / TRAINABLE_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -106,8 +120,31 @@ def resolve_checkpoint(resume: str, output_dir: Path) -> Path:
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore trainable tensors, optimizer, scheduler and RNG from ``path``; returns the state dict."""
-    tensors = load_file(str(path / TRAINABLE_FILE))
+    """Restore trainable tensors, optimizer, scheduler and RNG from ``path``; returns the state dict.
+
+    Both files are read and checked before anything is restored.
+
+    Raises:
+        ValueError: a file is unreadable or corrupt, or the checkpoint does not fit ``model``.
+    """
+    from ..io import _check_safetensors_layout
+
+    try:
+        _check_safetensors_layout(path / TRAINABLE_FILE)
+        tensors = load_file(str(path / TRAINABLE_FILE))
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise ValueError(f"checkpoint {path}: {TRAINABLE_FILE} cannot be read ({' '.join(str(exc).split())}); "
+                         "resume from an older checkpoint (its step-* directory) instead.") from None
+    try:
+        with warnings.catch_warnings():  # torch warns about a foreign file's pickle protocol: noise here
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path / STATE_FILE, weights_only=True)
+        if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "torch_rng", "python_rng"} <= set(state):
+            raise ValueError("it lacks the step, optimizer, scheduler or RNG state")
+    except Exception as exc:  # unpickling fails in many types; all mean "not a usable state file"
+        raise ValueError(f"checkpoint {path}: {STATE_FILE} cannot be read as a weights-only lorakit state "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); lorakit does not unpickle "
+                         "anything else — resume from an older checkpoint instead.") from None
     params = dict(model.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
@@ -116,13 +153,13 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             f"checkpoint {path} does not fit this model/config: missing {missing[:5]}{' …' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{' …' if len(unexpected) > 5 else ''}; resume with the options of the original run."
         )
+    for name, value in tensors.items():
+        if params[name].shape != value.shape:
+            raise ValueError(f"checkpoint {path}: {name} has shape {tuple(value.shape)}, model has "
+                             f"{tuple(params[name].shape)}; resume with the options of the original run.")
     with torch.no_grad():
         for name, value in tensors.items():
-            if params[name].shape != value.shape:
-                raise ValueError(f"checkpoint {path}: {name} has shape {tuple(value.shape)}, model has "
-                                 f"{tuple(params[name].shape)}; resume with the options of the original run.")
             params[name].copy_(value)
-    state = torch.load(path / STATE_FILE, weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])

@@ -173,7 +173,7 @@ def load_records(path: str | Path) -> list[dict[str, str]]:
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise FileNotFoundError(f"data file {path} does not exist; check the path")
     if path.is_dir():
         raise ValueError(f"data path {path} is a directory; give a .jsonl, .json, .csv, .tsv or .txt file")
     suffix = path.suffix.lower()
@@ -190,10 +190,10 @@ def load_records(path: str | Path) -> list[dict[str, str]]:
         )
     text = _read_utf8(path)
     if not text.strip():
-        raise ValueError(f"data file {path} is empty")
+        raise ValueError(f"data file {path} is empty; give a file with at least one record")
     records = readers[suffix](path, text)
     if not records:
-        raise ValueError(f"data file {path} holds no records")
+        raise ValueError(f"data file {path} holds no records (every row is blank); give at least one record")
     return records
 
 
@@ -254,6 +254,8 @@ def _read_json(path: Path, text: str) -> list[dict[str, str]]:
             raise ValueError(
                 f"data file {path} is not valid JSON: line {error.lineno}: {error.msg}"
             ) from None
+        except RecursionError:
+            raise ValueError(f"data file {path} nests JSON too deeply; records are flat objects") from None
         numbered: Iterable[tuple[str, Any]] = ((f"item {i}", item) for i, item in enumerate(items))
     else:
         numbered = _json_lines(path, text)
@@ -280,9 +282,25 @@ def _json_lines(path: Path, text: str) -> Iterable[tuple[str, Any]]:
             raise ValueError(
                 f"{path} line {number} is not valid JSON ({error.msg}); JSONL needs one object per line"
             ) from None
+        except RecursionError:
+            raise ValueError(
+                f"{path} line {number} nests JSON too deeply; JSONL needs one flat object per line"
+            ) from None
 
 
 def _read_csv(path: Path, text: str) -> list[dict[str, str]]:
+    # csv's default 128 KiB cell limit would refuse a long document; the text is in memory already.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))
+    try:
+        return _read_csv_rows(path, text)
+    except csv.Error as error:  # e.g. a NUL byte, or a quote left open
+        raise ValueError(f"{path} is not valid CSV: {error}") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _read_csv_rows(path: Path, text: str) -> list[dict[str, str]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = [name.strip() for name in (reader.fieldnames or [])]
@@ -368,6 +386,8 @@ def tokenize_records(
             room = max_length - len(completion) - int(keep_bos)
             body = prompt[int(keep_bos) :]
             prompt = prompt[:1] * int(keep_bos) + body[max(0, len(body) - room) :]
+            if not completion:  # nothing to learn (a completion that tokenizes to nothing, and no EOS)
+                continue
             examples.append(
                 {"input_ids": prompt + completion, "labels": [IGNORE_INDEX] * len(prompt) + completion}
             )

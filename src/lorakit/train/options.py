@@ -131,7 +131,7 @@ class TrainOptions:
         """Options from a JSON/YAML file whose keys are the flag names (dashes or underscores)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist.")
+            raise FileNotFoundError(f"config file {path} does not exist; pass the path of a JSON or YAML file of options.")
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
             try:
