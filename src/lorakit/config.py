@@ -97,9 +97,7 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig.r={self.r!r} is invalid: r must be a positive integer up to {MAX_RANK} (e.g. r=8)."
             )
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not math.isfinite(
-            self.lora_alpha
-        ):
+        if not _is_finite_number(self.lora_alpha):
             raise ValueError(f"LoraConfig.lora_alpha={self.lora_alpha!r} is invalid: use a finite number (e.g. 16).")
         if (isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float))
                 or not 0.0 <= self.lora_dropout < 1.0):
@@ -127,6 +125,7 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.modules_to_save={self.modules_to_save!r} is invalid: use a list of module "
                              "names (e.g. ['lm_head']) or null.")
         self.target_modules = _normalise_names("target_modules", self.target_modules)
+        self.layers_pattern = _normalise_names("layers_pattern", self.layers_pattern)
         self.exclude_modules = _normalise_names("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
             self.modules_to_save = _normalise_names("modules_to_save", list(self.modules_to_save))  # type: ignore[assignment]
@@ -148,7 +147,7 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}]={value!r} is invalid: ranks are positive ints "
                                  f"up to {MAX_RANK}.")
         for key, alpha in self.alpha_pattern.items():
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            if not _is_finite_number(alpha):
                 raise ValueError(f"LoraConfig.alpha_pattern[{key!r}]={alpha!r} is invalid: alphas are finite numbers.")
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             for key in pattern:
@@ -228,6 +227,16 @@ _INERT_PEFT_KEYS = {
     "velora_config",
     "ensure_weight_tying",
 }
+
+
+def _is_finite_number(value: object) -> bool:
+    """An int or float (not a bool) that is finite as a float (a 400-digit int is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_regex(what: str, shown: object, pattern: object) -> None:

@@ -296,18 +296,21 @@ _SAFETENSORS_DTYPE_BITS = {
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
     "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
 }
+ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes adapter tensors may have (what PEFT and lorakit write)."""
+_ADAPTER_SAFETENSORS_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_HEADER_BYTES = 16 << 20
 """Largest safetensors header (and adapter_config.json) lorakit reads; real adapters' are a few hundred KB."""
 
 
-def _check_safetensors_layout(path: Path) -> None:
+def _check_safetensors_layout(path: Path, allowed_dtypes: tuple[str, ...] = _ADAPTER_SAFETENSORS_DTYPES) -> None:
     """Refuse a safetensors file whose header does not describe exactly the bytes the file holds.
 
     Runs before safetensors sees the file, reading only the 8-byte length and the header (at most
     ``MAX_HEADER_BYTES``): every tensor's dtype must be known, its shape non-negative integers, its byte
     range inside the file and exactly ``numel × element size`` long, and the ranges must tile the data
     without gaps or overlaps. So a header that declares a 1 TB tensor in a small file is refused here,
-    before anything is mapped or allocated.
+    before anything is mapped or allocated. Only ``allowed_dtypes`` are accepted (adapters: floating point).
 
     Raises:
         ValueError: the message names the file and the first inconsistency found.
@@ -346,6 +349,9 @@ def _check_safetensors_layout(path: Path) -> None:
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPE_BITS:
             raise refuse(f"tensor {key!r} has unknown dtype {dtype!r}")
+        if dtype not in allowed_dtypes:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {dtype}, but adapter tensors are floating point "
+                             f"({', '.join(allowed_dtypes)}); re-save the adapter with floating-point weights.")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise refuse(f"tensor {key!r} has shape {shape!r}, not a list of non-negative integers")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets) \
@@ -894,8 +900,8 @@ def plan_load(model: nn.Module, files: AdapterFiles, adapter_name: str, is_train
         f"{k}: {tuple(t.shape)} in the file, {expected_file[k][1].shape} in the model"
         for k, t in sorted(tensors.items()) if k in expected_file and tuple(t.shape) != expected_file[k][1].shape
     ]
-    not_float = [f"{k} ({t.dtype})" for k, t in sorted(tensors.items()) if not t.is_floating_point()]
-    not_finite = [k for k, t in sorted(tensors.items()) if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    not_float = [f"{k} ({t.dtype})" for k, t in sorted(tensors.items()) if t.dtype not in ADAPTER_DTYPES]
+    not_finite = [k for k, t in sorted(tensors.items()) if t.dtype in ADAPTER_DTYPES and not bool(torch.isfinite(t).all())]
     blocked = [f"{k} ({expected_file[k][1].blocked})" for k in sorted(tensors)
                if k in expected_file and expected_file[k][1].blocked]
     problems = []
@@ -906,7 +912,8 @@ def plan_load(model: nn.Module, files: AdapterFiles, adapter_name: str, is_train
     if mismatched:
         problems.append(f"shape mismatches ({len(mismatched)}): {'; '.join(mismatched)}")
     if not_float:
-        problems.append(f"tensors that are not floating point ({len(not_float)}): {_format_keys(not_float)}")
+        problems.append(f"tensors that are not float16/bfloat16/float32/float64 ({len(not_float)}): "
+                        f"{_format_keys(not_float)}")
     if not_finite:
         problems.append(f"tensors holding NaN or infinity ({len(not_finite)}): {_format_keys(not_finite)}")
     if blocked:
