@@ -2,7 +2,8 @@
 adapter layers (Houlsby, Lin), as a ratio to the base model, median of interleaved runs.
 
 Models: GPT-2 medium shapes (d=1024, 16 heads, random init; fewer than 24 blocks, see --gpt2-layers: every
-block is identical, so the per-block ratio does not depend on depth) and the real SmolLM2-135M-Instruct.
+block is identical, so the per-block ratio does not depend on depth) and the real SmolLM2-135M-Instruct
+(its first --smol-layers blocks, real weights).
 Both run without the LM head (the same for every variant: it would only dilute the ratios).
 
 Variants (bottlenecks sized to LoRA's parameter budget: LoRA r=4 on GPT-2's c_attn and a bottleneck of 8
@@ -148,12 +149,17 @@ def gpt2_medium(layers: int) -> nn.Module:
     return GPT2Model(config).eval()
 
 
-def smollm2() -> nn.Module:
+def smollm2(layers: int) -> nn.Module:
+    """SmolLM2's decoder (no LM head), its first ``layers`` real blocks (all 30 when ``layers`` ≥ 30)."""
     from lorakit.train.defaults import ensure_default_model
     from lorakit.train.loop import load_causal_lm
 
     model, _ = load_causal_lm(ensure_default_model())
-    return model.model.eval()  # LlamaModel: the decoder without the LM head
+    decoder = model.model
+    if layers < len(decoder.layers):
+        decoder.layers = decoder.layers[:layers]
+        decoder.config.num_hidden_layers = layers
+    return decoder.eval()
 
 
 def render(out: Path, rows: list[dict], args: Any, threads: int) -> None:
@@ -173,7 +179,8 @@ def render(out: Path, rows: list[dict], args: Any, threads: int) -> None:
         _common.provenance(threads),
         f"- GPT-2 medium shapes: d=1024, 16 heads, random init, **{args.gpt2_layers} of 24 blocks** (every block is "
         "identical, so a per-block overhead ratio does not depend on depth; the LM head is left out for all "
-        "variants); SmolLM2-135M-Instruct: all 30 blocks, real weights, no LM head",
+        f"variants); SmolLM2-135M-Instruct: real weights, **its first {args.smol_layers} of 30 blocks** (same reasoning), "
+        "no LM head",
         f"- shapes run (the paper's 1×128, 16×256, 32×512 scaled to a 2-core CPU): "
         f"GPT-2 M {', '.join(f'{b}×{s}' for b, s in args.gpt2_shapes)}; "
         f"SmolLM2 {', '.join(f'{b}×{s}' for b, s in args.smol_shapes)}",
@@ -244,23 +251,25 @@ def main() -> None:
     p.add_argument("--gpt2-layers", type=int, default=None)
     p.add_argument("--gpt2-shapes", type=shape_list, default=None, help="e.g. 1x128,4x256,2x512")
     p.add_argument("--smol-shapes", type=shape_list, default=None)
+    p.add_argument("--smol-layers", type=int, default=None, help="keep the first N of SmolLM2's 30 blocks")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--no-smollm2", action="store_true")
     args = p.parse_args()
     out = _common.out_dir(args)
     threads = _common.set_threads(args)
     if args.quick:
-        defaults = dict(gpt2_layers=1, gpt2_shapes=[(1, 32), (2, 64)], smol_shapes=[(1, 16)], rounds=3)
-    else:
-        defaults = dict(gpt2_layers=2, gpt2_shapes=[(1, 128), (4, 256), (2, 512)],
-                        smol_shapes=[(1, 128), (2, 256), (2, 512)], rounds=7)
+        defaults = dict(gpt2_layers=1, gpt2_shapes=[(1, 32), (2, 64)], smol_layers=2, smol_shapes=[(1, 16)],
+                        rounds=3)
+    else:  # sized for a loaded 2-core CPU (~10 min): the paper's 1×128, 16×256, 32×512 scaled down
+        defaults = dict(gpt2_layers=1, gpt2_shapes=[(1, 128), (4, 128), (4, 256)], smol_layers=4,
+                        smol_shapes=[(1, 128), (4, 128), (4, 256)], rounds=7)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     rows = measure("GPT-2 M shapes", gpt2_medium(args.gpt2_layers), 1024, ["c_attn"], 4, args.gpt2_shapes,
                    args.rounds, 50257)
     if not args.no_smollm2:
-        rows += measure("SmolLM2-135M", smollm2(), 576, ["q_proj", "v_proj"], 8, args.smol_shapes, args.rounds,
+        rows += measure("SmolLM2-135M", smollm2(args.smol_layers), 576, ["q_proj", "v_proj"], 8, args.smol_shapes, args.rounds,
                         49152)
     render(out, rows, args, threads)
     print(f"wrote {out / 'latency.md'} and {out / 'latency.png'}")

@@ -45,7 +45,7 @@ CONFIGS: dict[str, tuple[list[str], int]] = {
 RANK_SWEEP = ["qv-r1", "qv-r2", "qv-r4", "qv-r8", "qv-r64"]
 PLACEMENTS = ["q-r16", "qv-r8", "qkvo-r4", "attn-mlp-r2"]
 
-FULL = dict(train_size=64, eval_size=160, seeds=[0, 1, 2], batch_size=8, lr=3e-3, warmup=1, alpha=16,
+FULL = dict(train_size=64, eval_size=128, seeds=[0, 1, 2], batch_size=8, lr=2e-3, warmup=1, alpha=16,
             configs=list(CONFIGS), max_length=64, budget_min=45.0)
 QUICK = dict(train_size=8, eval_size=16, seeds=[0, 1], batch_size=4, lr=2e-3, warmup=1, alpha=16,
              configs=["qv-r8", "qv-r1"], max_length=64, budget_min=5.0)
@@ -144,6 +144,9 @@ def render(out: Path, runs: list[dict], zero_shot: dict, settings: dict, threads
         f"fixed), dropout 0, max length {settings['max_length']}; held-out: {settings['eval_size']} balanced reviews "
         f"(the same for every run); seeds {settings['seeds']} (seed = adapter init + data order)",
         f"- zero-shot accuracy (no adapter, computed once): **{zs}**",
+        "",
+        "- runs produced by: " + "; ".join(f"`{c}`" for c in sorted({r.get("command", "?") for r in runs}))
+        + f" ({len(runs)} runs finished)",
         "",
         "## Rank sweep, q_proj + v_proj (Table 6)",
         "",
@@ -246,6 +249,9 @@ def main() -> None:
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--budget-min", type=float, default=None, help="start no new run after this many minutes")
     p.add_argument("--fresh", action="store_true", help="ignore finished runs in the cache")
+    p.add_argument("--worker", default="0/1", help="K/N: run every N-th planned run starting at K (parallel "
+                   "processes share the cache; start the others once zero_shot.json exists)")
+    p.add_argument("--render-only", action="store_true", help="write the table and plot from the cache")
     args = p.parse_args()
     out = _common.out_dir(args)
     threads = _common.set_threads(args)
@@ -260,14 +266,25 @@ def main() -> None:
     runs: list[dict] = []
     if runs_file.exists() and not args.fresh:
         runs = [r for r in map(json.loads, runs_file.read_text().splitlines()) if r.get("settings") == key]
-    if args.fresh or not runs:
+    if args.fresh:
         runs_file.write_text("")
+    worker, workers = (int(x) for x in args.worker.split("/"))
+
+    def finished() -> list[dict]:
+        if not runs_file.exists():
+            return []
+        return [r for r in map(json.loads, runs_file.read_text().splitlines()) if r.get("settings") == key]
 
     from lorakit.train.data import classification_accuracy, load_default_task, tokenize_records
     from lorakit.train.defaults import ensure_default_model
     from lorakit.train.loop import load_causal_lm
 
     started = time.time()
+    if args.render_only:
+        zero_shot = json.loads((cache / "zero_shot.json").read_text())
+        render(out, finished(), zero_shot, settings, threads, args.quick)
+        print(f"wrote {out / 'rank.md'} and {out / 'rank.png'}")
+        return
     base, tokenizer = load_causal_lm(ensure_default_model())
     for p_ in base.parameters():
         p_.requires_grad_(False)
@@ -275,6 +292,8 @@ def main() -> None:
     train = train[:settings["train_size"]]
     examples = tokenize_records(train, tokenizer, settings["max_length"], add_eos=False)  # loss on the label only
     zs_file = cache / "zero_shot.json"
+    while worker > 0 and not (zs_file.exists() and json.loads(zs_file.read_text()).get("settings") == key):
+        time.sleep(5)  # worker 0 computes the zero-shot accuracy once
     zero_shot = json.loads(zs_file.read_text()) if zs_file.exists() and not args.fresh else None
     if zero_shot is None or zero_shot.get("settings") != key:
         accuracy, n = classification_accuracy(base, tokenizer, heldout, batch_size=16, max_length=settings["max_length"])
@@ -287,7 +306,7 @@ def main() -> None:
     sweep = [n for n in RANK_SWEEP if n in settings["configs"]]
     others = [n for n in settings["configs"] if n not in sweep]
     plan = [(s, n) for group in (sweep, others) for s in settings["seeds"] for n in group]
-    for seed, name in plan:
+    for seed, name in plan[worker::workers]:
         if (name, seed) in done:
             continue
         if time.time() - started > 60 * settings["budget_min"]:
@@ -296,15 +315,15 @@ def main() -> None:
         targets, r = CONFIGS[name]
         result = train_one(base, tokenizer, examples, heldout, targets, r, seed, settings,
                            adapter_dir(mode, name, seed))
-        result.update(config=name, seed=seed, settings=key)
-        runs.append(result)
-        with open(runs_file, "a") as handle:
+        result.update(config=name, seed=seed, settings=key, command=" ".join(["experiments/rank.py", *sys.argv[1:]]))
+        with open(runs_file, "a") as handle:  # one short line per run: parallel workers' appends don't mix
             handle.write(json.dumps(result) + "\n")
+        runs = finished()
         print(f"{name} seed {seed}: accuracy {100 * result['accuracy']:.1f} %  loss {result['first_loss']:.3f} → "
               f"{result['last_loss']:.3f}  {result['seconds']:.0f} s  (elapsed {time.time() - started:.0f} s)",
               flush=True)
         render(out, runs, zero_shot, settings, threads, args.quick)
-    render(out, runs, zero_shot, settings, threads, args.quick)
+    render(out, finished(), zero_shot, settings, threads, args.quick)
     print(f"wrote {out / 'rank.md'} and {out / 'rank.png'}")
 
 
