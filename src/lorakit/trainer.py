@@ -35,7 +35,7 @@ class Trainer(_HFTrainer):
         if peft is None:
             super()._save(output_dir, state_dict)
             return
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        output_dir = str(output_dir if output_dir is not None else self.args.output_dir)
         os.makedirs(output_dir, exist_ok=True)
         peft.save_pretrained(output_dir, selected_adapters=list(peft.peft_config))
         if self.processing_class is not None:

@@ -13,15 +13,19 @@ The default task is binary sentiment classification of Rotten Tomatoes review sn
 
     {"prompt": "Review: a gorgeous, witty, seductive movie.\\nSentiment:", "completion": " positive"}
 
-Why this plain format rather than SmolLM2's chat template: zero-shot, scoring the next-token logits of
-" positive" vs " negative" after the prompt, the base SmolLM2-135M-Instruct gets 77.4 % on the 1,000
-held-out reviews (seed 0) with the plain format. The ChatML format
-(``<|im_start|>user\\nIs the sentiment of this movie review positive or negative?\\n\\n{review}<|im_end|>
-\\n<|im_start|>assistant\\n`` → ``"positive"``/``"negative"``) gets 67.8 % with SmolLM2's default system
-prompt and 66.0 % without it, and a plain format with the question spelled out ("…\\nIs this review
-positive or negative? Answer:") 75.8 %. The plain format is also the shortest (about 38 tokens per
-example against 70 for ChatML with its system prompt, so training is faster) and does not depend on a
-particular model's chat template. Its two label words are single tokens for SmolLM2's tokenizer.
+Why this plain format rather than SmolLM2's chat template: scored zero-shot on the 1,000 held-out
+reviews (seed 0) by the next-token logits of the two label words after the prompt, the base
+SmolLM2-135M-Instruct gets
+
+- 77.4 % with this plain format (" positive" / " negative"; prompts average 31 tokens);
+- 64.8 % with its ChatML template and default system prompt (``<|im_start|>user\\nIs the sentiment of
+  this movie review positive or negative?\\n\\n{review}<|im_end|>\\n<|im_start|>assistant\\n`` →
+  "positive" / "negative"; 68 tokens);
+- 52.4 % — chance — with the plain format plus an explicit question ("Review: {review}\\nIs this
+  review positive or negative? Answer:"; 37 tokens).
+
+The plain format is also the shortest, so training and evaluation are cheapest, and it does not depend
+on any model's chat template. Both label words are single tokens for SmolLM2's tokenizer.
 """
 
 from __future__ import annotations
@@ -484,7 +488,7 @@ def classification_accuracy(
     gold = []
     for index, record in enumerate(records):
         completion = record.get("completion")
-        if completion in labels:
+        if completion is not None and completion in labels:
             gold.append(list(labels).index(completion))
             continue
         first = tokenizer(completion or "", add_special_tokens=False)["input_ids"][:1]
