@@ -38,6 +38,7 @@ class Setup:
     vocab: int
     batch: int
     seq: int
+    clock: str = "wall"
     r: int = 8
     alpha: int = 16
 
@@ -45,24 +46,32 @@ class Setup:
     def from_args(cls, args: argparse.Namespace) -> Setup:
         if args.quick:
             return cls(True, args.threads, max(args.pairs, 5), n_layer=2, n_embd=128, n_head=4, vocab=2048,
-                       batch=4, seq=32)
+                       batch=4, seq=32, clock=args.clock)
         return cls(False, args.threads, max(args.pairs, 5), n_layer=12, n_embd=768, n_head=12, vocab=50257,
-                   batch=8, seq=128)
+                   batch=8, seq=128, clock=args.clock)
 
     def describe(self) -> str:
         return (f"{'quick' if self.quick else 'full'}: GPT-2 {self.n_layer} layers d={self.n_embd} vocab={self.vocab}, "
                 f"B{self.batch} T{self.seq}, r={self.r} α={self.alpha}, {self.threads} thread(s), "
-                f"median of {self.pairs} interleaved rounds")
+                f"{self.clock} clock, median of {self.pairs} interleaved rounds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes, the whole suite in < 60 s")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--pairs", type=int, default=5, help="interleaved rounds (≥ 5; median reported)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: perf_counter (default); cpu: this process's CPU time, which on a busy shared "
+                             "machine leaves out the time other processes hold the cores (use with --threads 1)")
+
+
+_CLOCK: Callable[[], float] = time.perf_counter
 
 
 def configure(args: argparse.Namespace) -> Setup:
+    global _CLOCK
     setup = Setup.from_args(args)
+    _CLOCK = time.process_time if setup.clock == "cpu" else time.perf_counter
     torch.set_num_threads(setup.threads)
     torch.manual_seed(0)
     warnings.filterwarnings("ignore")
@@ -151,10 +160,10 @@ def _time(fn: Callable[[], object], reps: int) -> float:
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        start = time.perf_counter()
+        start = _CLOCK()
         for _ in range(reps):
             fn()
-        return (time.perf_counter() - start) / reps
+        return (_CLOCK() - start) / reps
     finally:
         if gc_was_enabled:
             gc.enable()

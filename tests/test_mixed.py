@@ -144,6 +144,9 @@ def test_stacks_follow_weight_changes_and_new_adapters(model) -> None:
         for i, name in enumerate(names):
             row = single_adapter_run(model, name, lambda i=i: model(input_ids=ids[i:i + 1]).logits)
             torch.testing.assert_close(mixed[i], row[0], atol=1e-5, rtol=1e-5)
+        model.to(torch.float64)  # .to() swaps param.data without a version bump: caught by the storage check
+        assert model(input_ids=ids, adapter_names=names).logits.dtype == torch.float64
+        assert stacked_factors(layer).a.dtype == torch.float64
 
 
 def test_training_through_a_mixed_batch_reaches_each_adapter() -> None:

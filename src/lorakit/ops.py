@@ -3,37 +3,45 @@
 Fused LoRA (``lora_linear``), for y = x·W0ᵀ + b + Σ_j s_j·B_j·A_j·dropout_j(x) with x flattened to (N, k):
 
     forward   out = addmm(b, x, W0ᵀ)                      (N, d)   the base layer's own matmul
-              h_j = (x ⊙ m_j)·A_jᵀ                         (N, r)   m_j: dropout mask / keep, or 1
-              out.addmm_(h_j, B_jᵀ, alpha=s_j)            in place: no (N, d) temporary, no B·A
-    backward  gB_j = g·B_j                                 (N, r)
-              ∂A_j = s_j·gB_jᵀ·(x ⊙ m_j),  ∂B_j = s_j·gᵀ·h_j
-              ∂x = g·W0 + Σ_j s_j·(gB_j·A_j) ⊙ m_j
+              h_j = (x ⊙ m_j)·A_jᵀ                         (N, r)   m_j: keep-mask of dropout p_j, or 1
+              out.addmm_(h_j, B_jᵀ, alpha=s_j/(1-p_j))    in place: no (N, d) temporary, never B·A
+    backward  g_h = g·B_j                                  (N, r)
+              ∂A_j = s'_j·g_hᵀ·(x ⊙ m_j),  ∂B_j = s'_j·gᵀ·h_j
+              ∂x = g·W0 + Σ_j s'_j·(g_h·A_j) ⊙ m_j         the LoRA terms are written first and the
+                                                           base GEMM accumulates onto them (beta = 1)
 
 Saved for backward: x itself (the input tensor object, so q/k/v siblings reading the same x share one
 saved copy), the (N, r) products h_j, and an integer seed per dropout adapter. The dropout mask is not
-saved: it is drawn from a private generator seeded with that integer and drawn again in backward (same
-shape, device and seed give the same mask), so dropout adds no saved activation at all, where the
-straightforward version saves a dropped copy of x and a mask per adapter (REFERENCE.md's cost model).
-The 1/keep of inverted dropout is folded into s_j.
+saved: it is drawn from a private generator seeded with that integer and drawn again in backward, so
+dropout adds no saved activation at all, where the straightforward version saves a dropped copy of x and
+a mask per adapter (REFERENCE.md's cost model).
+
+Dropout without (N, k) passes (``Dropout``): for p ≤ 0.25 the dropped elements (about p·N·k of them) are
+drawn directly as a Bernoulli process (geometric gaps) and x restricted to them is a sparse CSR matrix D:
+h = x·Aᵀ - D·Aᵀ, ∂A = g_hᵀ·x - (Dᵀ·g_h)ᵀ, and ∂x's LoRA term is g_h·A minus its values at the dropped
+positions (``torch.sparse.sampled_addmm``). A dense mask would cost a Bernoulli draw, a multiply and a
+masked accumulate over all of (N, k), twice; larger p uses that dense mask.
 
 Mixed batches (``gathered_lora_linear``, ``gathered_lora_embedding``): with every adapter of a layer
 stacked once into A (S, r_max, k) and Bᵀ (S, r_max, d) (scale folded in, zero-padded to the largest rank;
 the last slot all zeros for rows without an adapter), row i uses slot idx[i]: one ``index_select`` per
 factor and one ``bmm``/``baddbmm_`` each (BGMV, punica/S-LoRA), whatever the number of adapters.
 
-Where the fused function is not used (the layer falls back to the plain autograd ``lora_output`` path,
-see ``fused_applies``): under autocast; when x's dtype differs from the base weight's; when the base
-layer has hooks or is not a plain ``nn.Linear``/GPT-2 ``Conv1D``; with extra forward arguments; and while
-``torch.compile`` traces a layer whose dropout is active (the compiler handles dropout itself). Inputs
-in bf16/fp16 with fp32 adapters *are* fused: the LoRA branch runs in the adapters' dtype and is added
-into the base output with one promoting ``add_``.
+Where the fused function is not used (``Linear._fused_forward`` returns None and the layer runs the plain
+autograd ``lora_output`` path): under autocast; when x's dtype differs from the base weight's; when the
+base layer has hooks or is not a plain ``nn.Linear``/GPT-2 ``Conv1D``; with extra forward arguments; with
+a dropout module other than ``nn.Dropout``; and while ``torch.compile`` traces a layer whose dropout is
+active (the compiler handles dropout itself). Inputs in bf16/fp16 with fp32 adapters *are* fused: the
+LoRA branch runs in the adapters' dtype and is added into the base output with one promoting ``add_``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,23 +83,96 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
-def dropout_mask(like: torch.Tensor, keep: float, seed: int | None) -> torch.Tensor:
-    """Boolean mask shaped like ``like``, each element True with probability ``keep``; deterministic given
-    ``seed`` (``None``: torch's global generator, for inference where nothing is redrawn).
+SPARSE_DROPOUT_MAX_P = 0.25
+"""Up to this dropout probability the dropped elements are handled as a sparse correction (see
+``Dropout``); above it, as a dense boolean mask."""
 
-    Drawn as 31 random bits per element compared with round(keep·2³¹): ``random_`` on int64 words is
-    several times faster on the CPU than ``bernoulli_``, which matters because backward draws it again.
+
+class Dropout(NamedTuple):
+    """One draw of inverted dropout over an (N, k) input, each element dropped independently with
+    probability p.
+
+    Sparse form (p ≤ SPARSE_DROPOUT_MAX_P): the dropped elements' flat indices, rows and columns, in
+    row-major order, plus the CSR row pointer, so that "x restricted to the dropped elements" is a sparse
+    CSR matrix D and every dropout term becomes a sparse product: h = x·Aᵀ - D·Aᵀ, ∂A = g_hᵀ·x - g_hᵀ·D,
+    ∂x = (g_h·A) minus its values at the dropped positions (a sampled matmul). O(p·N·k) work, where a
+    dense mask costs several full passes over (N, k). Dense form: the boolean keep-mask.
     """
-    numel = like.numel()
-    words = torch.empty((numel + 1) // 2, dtype=torch.int64, device=like.device)
-    if seed is None:
-        words.random_()
-    else:
-        generator = torch.Generator(device=like.device)
-        generator.manual_seed(seed)
-        words.random_(generator=generator)
-    bits = words.view(torch.int32)[:numel].view(like.shape) & 0x7FFFFFFF  # uniform on [0, 2³¹)
-    return bits < round(keep * 2**31)
+
+    flat: torch.Tensor  # (K,) sorted flat indices i·k + j of the dropped elements (empty in dense form)
+    rows: torch.Tensor  # (K,) i
+    cols: torch.Tensor  # (K,) j
+    crow: torch.Tensor  # (N+1,) CSR row pointer
+    keep_mask: torch.Tensor | None = None  # (N, k) bool, dense form only
+
+    @classmethod
+    def draw(cls, shape: tuple[int, int], p: float, seed: int | None, device: torch.device) -> Dropout:
+        """Deterministic given ``seed`` (``None``: torch's global generator, for inference)."""
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+        if p > SPARSE_DROPOUT_MAX_P:
+            none = torch.empty(0, dtype=torch.long, device=device)
+            keep = torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+            return cls(none, none, none, none, keep)
+        flat = _dropped_positions(shape[0] * shape[1], p, generator, device)
+        rows = torch.div(flat, shape[1], rounding_mode="floor")
+        crow = torch.searchsorted(rows, torch.arange(shape[0] + 1, device=device))
+        return cls(flat, rows, flat - rows * shape[1], crow)
+
+    def mask(self, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """The dense keep-mask (N, k) of this draw (tests and references; the fused op never needs it)."""
+        if self.keep_mask is not None:
+            return self.keep_mask
+        mask = torch.ones(shape[0] * shape[1], dtype=torch.bool, device=device)
+        mask[self.flat] = False
+        return mask.view(shape)
+
+    def dropped(self, x2d: torch.Tensor) -> torch.Tensor:
+        """D: x's dropped elements as a sparse CSR (N, k) matrix."""
+        values = x2d.reshape(-1).index_select(0, self.flat)
+        return _csr(self.crow, self.cols, values, (x2d.shape[0], x2d.shape[1]))
+
+    def dropped_transposed(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Dᵀ as a sparse CSR (k, N) matrix (a stable sort of the columns)."""
+        cols, order = torch.sort(self.cols, stable=True)
+        ccol = torch.searchsorted(cols, torch.arange(x2d.shape[1] + 1, device=cols.device))
+        values = x2d.reshape(-1).index_select(0, self.flat.index_select(0, order))
+        return _csr(ccol, self.rows.index_select(0, order), values, (x2d.shape[1], x2d.shape[0]))
+
+
+def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": we use its stable core only
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, size=size, check_invariants=False)
+
+
+def _dropped_positions(numel: int, p: float, generator: torch.Generator | None, device: torch.device
+                       ) -> torch.Tensor:
+    """Sorted flat indices of the dropped elements of a Bernoulli(p) process over ``numel`` elements: the
+    gaps between drops are geometric, ⌊log(1-u)/log(1-p)⌋ + 1 for uniform u, so only about p·numel
+    numbers are drawn (``uniform_`` + ``log1p_`` are vectorised; ``geometric_``/``bernoulli_`` are not)."""
+    expected = numel * p
+    batch = int(expected + 8.0 * math.sqrt(expected * (1.0 - p)) + 16)
+    log_keep = math.log1p(-p)
+    chunks: list[torch.Tensor] = []
+    last = -1
+    while True:
+        gaps = torch.empty(batch, device=device).uniform_(generator=generator).neg_().log1p_()
+        positions = gaps.div_(log_keep).floor_().add_(1).long().cumsum_(0).add_(last)
+        end = int(positions[-1])
+        if end >= numel:
+            chunks.append(positions[: int(torch.searchsorted(positions, numel))])
+            return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        chunks.append(positions)
+        last = end
+
+
+def dropout_mask(like: torch.Tensor, p: float, seed: int | None) -> torch.Tensor:
+    """The keep-mask (shaped like the 2-d ``like``) the fused op applies for dropout ``p`` and ``seed``."""
+    shape = (like.shape[0], like.shape[1])
+    return Dropout.draw(shape, p, seed, like.device).mask(shape, like.device)
 
 
 def _lora_forward(
@@ -101,10 +182,10 @@ def _lora_forward(
     fan_in_fan_out: bool,
     factors: Sequence[torch.Tensor],
     scales: Sequence[float],
-    keeps: Sequence[float],
+    ps: Sequence[float],
     seeds: Sequence[int | None],
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """out (N, d) = base(x2d) + Σ_j s_j/keep_j·((x2d ⊙ m_j)·A_jᵀ)·B_jᵀ, and the h_j (N, r) for backward."""
+    """out (N, d) = base(x2d) + Σ_j s_j/(1-p_j)·((x2d ⊙ m_j)·A_jᵀ)·B_jᵀ, and the h_j (N, r) for backward."""
     w = weight if fan_in_fan_out else weight.t()  # (k, d) either way
     out = torch.mm(x2d, w) if bias is None else torch.addmm(bias, x2d, w)
     hs: list[torch.Tensor] = []
@@ -112,10 +193,13 @@ def _lora_forward(
     for j in range(len(scales)):
         a, b = factors[2 * j], factors[2 * j + 1]
         xc = x2d if x2d.dtype == a.dtype else _cast(cast, x2d, a.dtype)
-        if keeps[j] < 1.0:
-            xc = torch.where(dropout_mask(xc, keeps[j], seeds[j]), xc, 0.0)
+        drop = Dropout.draw((xc.shape[0], xc.shape[1]), ps[j], seeds[j], xc.device) if ps[j] > 0 else None
+        if drop is not None and drop.keep_mask is not None:
+            xc = xc * drop.keep_mask
         h = torch.mm(a, xc.t()).t()  # (N, r), computed as (A·xᵀ)ᵀ: see _SKINNY
-        scale = scales[j] / keeps[j]
+        if drop is not None and drop.keep_mask is None:  # sparse: h = x·Aᵀ - D·Aᵀ
+            h = h - torch.mm(drop.dropped(xc), a.t().contiguous())
+        scale = scales[j] / (1.0 - ps[j])
         if out.dtype == b.dtype:
             out.addmm_(h, b.t(), alpha=scale)
         else:  # bf16/fp16 base, fp32 adapter: compute in fp32, one promoting in-place add
@@ -149,65 +233,84 @@ class FusedLoraLinear(torch.autograd.Function):
         bias: torch.Tensor | None,
         fan_in_fan_out: bool,
         scales: tuple[float, ...],
-        keeps: tuple[float, ...],
+        ps: tuple[float, ...],
         seeds: tuple[int | None, ...],
         *factors: torch.Tensor,
     ) -> torch.Tensor:
         out, hs = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, fan_in_fan_out, factors, scales,
-                                keeps, seeds)
+                                ps, seeds)
         # x is saved as the input object itself (never a reshaped or cast copy): siblings share it.
         ctx.save_for_backward(x, weight, bias, *factors, *hs)
-        ctx.lora = (fan_in_fan_out, scales, keeps, seeds)
+        ctx.lora = (fan_in_fan_out, scales, ps, seeds)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        fan_in_fan_out, scales, keeps, seeds = ctx.lora
+        fan_in_fan_out, scales, ps, seeds = ctx.lora
         x, weight, bias, *rest = ctx.saved_tensors
         n = len(scales)
         factors, hs = rest[: 2 * n], rest[2 * n:]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_factor = ctx.needs_input_grad[7:]
         x2d = x.reshape(-1, x.shape[-1])
+        shape = (x2d.shape[0], x2d.shape[1])
         g = grad_out
 
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = torch.mm(g, weight.t() if fan_in_fan_out else weight)  # (N, k)
+        grad_w = grad_b = None
         if need_w:
             grad_w = torch.mm(x2d.t(), g) if fan_in_fan_out else torch.mm(g.t(), x2d)
         if need_b and bias is not None:
             grad_b = g.sum(0)
 
         grad_factors: list[torch.Tensor | None] = []
+        lora_grad_x: torch.Tensor | None = None  # Σ_j s_j·(g·B_j·A_j) ⊙ m_j, (N, k)
         cast_x: dict[torch.dtype, torch.Tensor] = {}
         cast_g: dict[torch.dtype, torch.Tensor] = {}
         for j in range(n):
             a, b, h = factors[2 * j], factors[2 * j + 1], hs[j]
             need_a, need_bb = need_factor[2 * j], need_factor[2 * j + 1]
-            scale = scales[j] / keeps[j]
+            scale = scales[j] / (1.0 - ps[j])
             gc = g if g.dtype == b.dtype else _cast(cast_g, g, b.dtype)
             g_h = torch.mm(b.t(), gc.t()).t()  # (N, r) = g·B, the gradient w.r.t. h_j before the scale
-            mask = None
-            if keeps[j] < 1.0 and (need_a or need_x):
-                mask = dropout_mask(x2d, keeps[j], seeds[j])  # the forward's mask, drawn again
+            drop = None
+            if ps[j] > 0 and (need_a or need_x):
+                drop = Dropout.draw(shape, ps[j], seeds[j], x.device)  # the forward's draw, again
+                g_h = g_h.contiguous()
             grad_a = grad_b_j = None
             if need_a:
                 xc = x2d if x2d.dtype == a.dtype else _cast(cast_x, x2d, a.dtype)
-                dropped = xc if mask is None else torch.where(mask, xc, 0.0)
-                grad_a = torch.mm(g_h.t(), dropped).mul_(scale)  # (r, k)
+                if drop is not None and drop.keep_mask is not None:
+                    xc = xc * drop.keep_mask
+                grad_a = torch.mm(g_h.t(), xc)  # (r, k)
+                if drop is not None and drop.keep_mask is None:  # sparse: ∂A = g_hᵀ·x - (Dᵀ·g_h)ᵀ
+                    grad_a.sub_(torch.mm(drop.dropped_transposed(xc), g_h).t())
+                grad_a.mul_(scale)
             if need_bb:
                 grad_b_j = torch.mm(h.t(), gc).t().mul_(scale)  # (d, r) = gᵀ·h
-            if grad_x is not None:
-                if mask is None and grad_x.dtype == a.dtype:
-                    grad_x.addmm_(g_h, a, alpha=scale)
-                elif mask is None:
-                    grad_x.add_(torch.mm(g_h, a), alpha=scale)
+            if need_x:
+                if drop is not None and drop.keep_mask is not None:
+                    part = torch.mm(g_h, a).mul_(drop.keep_mask)
+                    lora_grad_x = part.mul_(scale) if lora_grad_x is None else lora_grad_x.add_(part, alpha=scale)
                 else:
-                    grad_x.add_(torch.mm(g_h, a).mul_(mask), alpha=scale)
+                    if lora_grad_x is None:  # written by this skinny product, so the base GEMM can accumulate
+                        lora_grad_x = torch.addmm(g_h.new_empty(shape), g_h, a, beta=0, alpha=scale)
+                    else:
+                        lora_grad_x.addmm_(g_h, a, alpha=scale)
+                    if drop is not None and drop.keep_mask is None:  # zero the dropped elements' share
+                        pattern = drop.dropped(x2d if x2d.dtype == a.dtype else _cast(cast_x, x2d, a.dtype))
+                        at_dropped = torch.sparse.sampled_addmm(pattern, g_h, a, beta=0.0).values()
+                        lora_grad_x.view(-1).index_add_(0, drop.flat, at_dropped, alpha=-scale)
             grad_factors += [grad_a, grad_b_j]
 
-        if grad_x is not None:
+        grad_x = None
+        if need_x:
+            w = weight.t() if fan_in_fan_out else weight  # g (N, d) · w (d, k)
+            if lora_grad_x is None:
+                grad_x = torch.mm(g, w)
+            elif lora_grad_x.dtype == g.dtype:
+                grad_x = lora_grad_x.addmm_(g, w)  # the base GEMM accumulates: no separate (N, k) pass
+            else:
+                grad_x = torch.mm(g, w).add_(lora_grad_x)
             grad_x = grad_x.view(x.shape)
         return (grad_x, grad_w, grad_b, None, None, None, None, *grad_factors)
 
@@ -232,18 +335,18 @@ def lora_linear(
         y (..., d) in x's dtype.
     """
     scales = tuple(s for _, _, s, _ in adapters)
-    keeps = tuple(1.0 - p for _, _, _, p in adapters)
+    ps = tuple(float(p) for _, _, _, p in adapters)
     factors = [t for a, b, _, _ in adapters for t in (a, b)]
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         or any(t.requires_grad for t in factors)
     )
     if needs_grad:
-        seeds = tuple(draw_seed() if keep < 1.0 else None for keep in keeps)
-        out = FusedLoraLinear.apply(x, weight, bias, fan_in_fan_out, scales, keeps, seeds, *factors)
-    else:  # inference: no autograd node, nothing saved, masks (if any) from the global generator
+        seeds = tuple(draw_seed() if p > 0 else None for p in ps)
+        out = FusedLoraLinear.apply(x, weight, bias, fan_in_fan_out, scales, ps, seeds, *factors)
+    else:  # inference: no autograd node, nothing saved, dropout (if any) from the global generator
         out, _ = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, fan_in_fan_out, factors, scales,
-                               keeps, (None,) * len(keeps))
+                               ps, (None,) * len(ps))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
