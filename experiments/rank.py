@@ -251,6 +251,7 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="ignore finished runs in the cache")
     p.add_argument("--worker", default="0/1", help="K/N: run every N-th planned run starting at K (parallel "
                    "processes share the cache; start the others once zero_shot.json exists)")
+    p.add_argument("--only", default=None, help="comma-separated config:seed items to run (e.g. qv-r64:2)")
     p.add_argument("--render-only", action="store_true", help="write the table and plot from the cache")
     args = p.parse_args()
     out = _common.out_dir(args)
@@ -273,7 +274,11 @@ def main() -> None:
     def finished() -> list[dict]:
         if not runs_file.exists():
             return []
-        return [r for r in map(json.loads, runs_file.read_text().splitlines()) if r.get("settings") == key]
+        seen: dict[tuple[str, int], dict] = {}  # first result per (config, seed): parallel workers may overlap
+        for r in map(json.loads, runs_file.read_text().splitlines()):
+            if r.get("settings") == key:
+                seen.setdefault((r["config"], r["seed"]), r)
+        return list(seen.values())
 
     from lorakit.train.data import classification_accuracy, load_default_task, tokenize_records
     from lorakit.train.defaults import ensure_default_model
@@ -306,8 +311,10 @@ def main() -> None:
     sweep = [n for n in RANK_SWEEP if n in settings["configs"]]
     others = [n for n in settings["configs"] if n not in sweep]
     plan = [(s, n) for group in (sweep, others) for s in settings["seeds"] for n in group]
+    if args.only:
+        plan = [(int(item.split(":")[1]), item.split(":")[0]) for item in args.only.split(",")]
     for seed, name in plan[worker::workers]:
-        if (name, seed) in done:
+        if (name, seed) in done or any((r["config"], r["seed"]) == (name, seed) for r in finished()):
             continue
         if time.time() - started > 60 * settings["budget_min"]:
             print(f"time budget of {settings['budget_min']} min reached; stopping before {name} seed {seed}")

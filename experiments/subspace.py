@@ -177,9 +177,9 @@ def main() -> None:
     (out / "subspace.md").write_text("\n".join(text) + "\n")
 
     plt = _common.pyplot()
-    panels = [("A_8_64", "φ(A₈, A₆₄, i, j)"), ("A_64_64", "φ(A₆₄ seed 0, seed 1), i,j ≤ 16"),
-              ("dW_8_64", "φ(ΔW₈, ΔW₆₄, i, j)")]
-    fig, axes = plt.subplots(len(panels), len(results), figsize=(2.3 * len(results), 2.4 * len(panels)), dpi=100,
+    panels = [("A_8_64", "A: r8 vs r64"), ("A_64_64", "A: 2 seeds r64 (≤16)"), ("dW_8_64", "ΔW in: r8 vs r64"),
+              ("out_8_64", "ΔW out: r8 vs r64")]
+    fig, axes = plt.subplots(len(panels), len(results), figsize=(2.6 * len(results), 2.3 * len(panels)), dpi=100,
                              squeeze=False)
     for col, x in enumerate(results):
         for row, (key, title) in enumerate(panels):
@@ -189,11 +189,12 @@ def main() -> None:
             ax = axes[row][col]
             image = ax.imshow(m.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper",
                               extent=(0.5, m.shape[1] + 0.5, m.shape[0] + 0.5, 0.5))
-            ax.set_title(f"L{x['layer']} {x['proj'].replace('_proj', '')}: {title}", fontsize=6)
+            ax.set_title(f"layer {x['layer']} W_{x['proj'][0]}: {title}", fontsize=6)
             ax.set_xlabel("j", fontsize=6)
             ax.set_ylabel("i", fontsize=6)
             ax.tick_params(labelsize=5)
-    fig.colorbar(image, ax=axes, shrink=0.6)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="φ(i, j)")
+    fig.suptitle("subspace similarity φ(i, j) (0: orthogonal, 1: contained); i = rows, j = columns", fontsize=8)
     fig.savefig(out / "subspace.png", bbox_inches="tight")
     plt.close(fig)
     print((out / "subspace.md").read_text())
