@@ -75,21 +75,25 @@ def save_checkpoint(
     for name in (TRAINABLE_FILE, STATE_FILE):
         _fsync_file(staging / name)
     _fsync_dir(staging)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        _retire(final)
+    # Re-saving the same step (e.g. after a resume): move the old one aside, put the new one in place at once,
+    # then delete the old one.
+    replaced = _hide(final) if final.exists() else None
     os.replace(staging, final)
     _fsync_dir(root)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep]:
-        _retire(old)
+        shutil.rmtree(_hide(old), ignore_errors=True)
     return final
 
 
-def _retire(checkpoint: Path) -> None:
-    """Remove a checkpoint directory so that no crash can leave it half-deleted under its visible name."""
+def _hide(checkpoint: Path) -> Path:
+    """Rename a checkpoint directory to a hidden name (atomic), so that deleting it — which a crash can
+    interrupt — never leaves a half-deleted directory under a visible step-* name."""
     hidden = checkpoint.parent / f".tmp-retired-{checkpoint.name}-{os.getpid()}"
-    os.replace(checkpoint, hidden)  # atomic: the step-* name is gone at once
+    os.replace(checkpoint, hidden)
     _fsync_dir(checkpoint.parent)
-    shutil.rmtree(hidden, ignore_errors=True)
+    return hidden
 
 
 def list_checkpoints(root: Path) -> list[Path]:
