@@ -64,3 +64,20 @@ def test_real_default_task() -> None:
         completions = [record["completion"] for record in split]
         assert completions.count(" positive") == completions.count(" negative")
     assert load_default_task(seed=0) == (train, heldout)
+
+
+def test_lorakit_train_runs_on_the_real_default_model(tmp_path) -> None:
+    """The main job end to end on SmolLM2 with a CI-sized budget: a few steps, a small held-out split."""
+    import json
+
+    from lorakit.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--max-steps", "3", "--batch-size", "4", "--train-size", "12", "--eval-size", "16",
+                 "--samples", "1", "--no-progress", "--output-dir", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["trainable_params"] == 460_800
+    assert 0.0 <= summary["before"]["accuracy"] <= 1.0 and summary["after"]["n"] == 16
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "loss.png").is_file()
+    assert main(["inspect", str(out / "adapter")]) == 0

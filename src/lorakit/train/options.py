@@ -29,9 +29,9 @@ class TrainOptions:
     """Held-out file; None: the default task's held-out split, or the last eval_fraction of --data."""
     eval_fraction: float = 0.1
     """Share of --data held out when no --eval-data is given."""
-    train_size: int | None = 2000
+    train_size: int | None = 320
     """Use at most this many training examples (None: all)."""
-    eval_size: int | None = 1000
+    eval_size: int | None = 500
     """Evaluate on at most this many held-out examples (None: all)."""
     target_modules: list[str] | None = None
     """Modules to adapt, comma-separated, or all-linear; None: q_proj+v_proj (Llama-style), c_attn (GPT-2),
@@ -42,13 +42,13 @@ class TrainOptions:
     """LoRA alpha (scaling α/r)."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA branch input."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     schedule: str = "linear"
     """Learning-rate schedule after warm-up: linear, cosine or constant."""
-    warmup_steps: int = 10
+    warmup_steps: int = 5
     """Linear warm-up steps from 0 to lr."""
     epochs: float = 1.0
     """Passes over the training data (ignored when max_steps is set)."""
