@@ -123,10 +123,11 @@ def render(out: Path, runs: list[dict], zero_shot: dict, settings: dict, threads
         done = by_name.get(name, [])
         if not done:
             return [name, ",".join(t.replace("_proj", "") for t in targets), str(r), "—", "—", "not run", "—"]
-        accs = [d["accuracy"] for d in sorted(done, key=lambda d: d["seed"])]
+        done = sorted(done, key=lambda d: d["seed"])
+        accs = [d["accuracy"] for d in done]
         return [name, ",".join(t.replace("_proj", "") for t in targets), str(r), f"{done[0]['trainable']:,}",
                 f"{done[0]['adapter_bytes'] / 1024:,.0f} KiB", mean_std(accs),
-                " / ".join(f"{100 * a:.1f}" for a in accs)]
+                " / ".join(f"seed {d['seed']}: {100 * d['accuracy']:.1f}" for d in done)]
 
     header = ["config", "targets", "r", "trainable params", "adapter file", "held-out accuracy % (mean ± std)",
               "per seed"]
