@@ -193,7 +193,12 @@ def comparison(by_name: dict[str, list[dict]], zero_shot: dict, se: float, setti
                          "at this budget — see the per-seed values above before reading much into it.")
     if "qv-r8" in means:
         gain = 100 * (means["qv-r8"] - zero_shot["accuracy"])
-        lines += ["", f"Training helps: q,v r=8 is {gain:+.1f} points over zero-shot."]
+        z = gain / (100 * math.sqrt(2) * zero_shot["stderr"])
+        lines += ["", f"Gain over zero-shot: q,v r=8 is {gain:+.1f} points, {z:.1f} standard errors of a difference "
+                  f"at n={zero_shot['n']}" + (" — weak evidence that the short training helps" + (
+                      "; every configuration's mean lies above zero-shot" if all(
+                          v > zero_shot["accuracy"] for v in means.values()) else "")
+                  + ", and the budget is too small to separate ranks." if z < 2 else ".")]
     placed = {k: means[k] for k in PLACEMENTS if k in means}
     if len(placed) > 1:
         best = max(placed, key=lambda k: placed[k])
