@@ -233,3 +233,12 @@ def test_seed_example_with_hf_trainer(tmp_path) -> None:
     model.save_pretrained(str(tmp_path / "adapter"))
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
                                                                       "adapter_model.safetensors"]
+
+
+def test_inject_on_meta_device() -> None:
+    """Adapters follow the base weights' device, including the meta device (sizing models without memory)."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 4), nn.Embedding(10, 4))
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["0", "1"]))
+    assert all(p.device.type == "meta" for p in peft.parameters())
+    assert peft.get_nb_trainable_parameters()[0] == 2 * (4 + 4) + 2 * (10 + 4)

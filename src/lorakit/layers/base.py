@@ -90,8 +90,13 @@ class LoraLayer(nn.Module):
         # keep fp32 adapters: their updates are tiny relative to W0 and would round away in bf16).
         weight = self.base_layer.weight
         dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
-        for factor in self.factors(adapter_name):
-            factor.data = factor.data.to(device=weight.device, dtype=dtype)
+        for attr in self.adapter_param_names:
+            container = getattr(self, attr)
+            item = container[adapter_name]
+            if isinstance(item, nn.Module):
+                item.to(device=weight.device, dtype=dtype)  # Module.to also handles the meta device
+            else:
+                container[adapter_name] = nn.Parameter(item.detach().to(device=weight.device, dtype=dtype))
         if init_lora_weights in ("pissa", "olora"):
             self._init_from_base_weight(adapter_name, init_lora_weights)
 
