@@ -114,6 +114,17 @@ def test_dropout_is_applied_and_mask_redrawn_identically() -> None:
         assert abs(dropped - p) < 3e-3, (p, dropped)
 
 
+def test_dropped_positions_form_a_bernoulli_process() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for batch in (None, 7):  # 7 gaps at a time exercises drawing more until the end is passed
+        flat = ops._dropped_positions(20_000, 0.1, generator, torch.device("cpu"), batch=batch)
+        assert flat.dtype == torch.long and bool((flat[1:] > flat[:-1]).all())
+        assert int(flat[0]) >= 0 and int(flat[-1]) < 20_000
+        assert abs(flat.numel() - 2_000) < 200
+        counts = torch.bincount(flat % 4, minlength=4)  # no position class favoured
+        assert int(counts.min()) > 400
+
+
 def test_base_weight_gradient_when_unfrozen() -> None:
     for kind in ("linear", "conv1d"):
         layer = make_layer(kind, "trainable", 2, dropout=0.2)

@@ -148,13 +148,14 @@ def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tup
         return torch.sparse_csr_tensor(crow, cols, values, size=size, check_invariants=False)
 
 
-def _dropped_positions(numel: int, p: float, generator: torch.Generator | None, device: torch.device
-                       ) -> torch.Tensor:
+def _dropped_positions(numel: int, p: float, generator: torch.Generator | None, device: torch.device,
+                       batch: int | None = None) -> torch.Tensor:
     """Sorted flat indices of the dropped elements of a Bernoulli(p) process over ``numel`` elements: the
     gaps between drops are geometric, ⌊log(1-u)/log(1-p)⌋ + 1 for uniform u, so only about p·numel
     numbers are drawn (``uniform_`` + ``log1p_`` are vectorised; ``geometric_``/``bernoulli_`` are not)."""
-    expected = numel * p
-    batch = int(expected + 8.0 * math.sqrt(expected * (1.0 - p)) + 16)
+    if batch is None:  # gaps drawn at once: 8 standard deviations above the expected count
+        expected = numel * p
+        batch = int(expected + 8.0 * math.sqrt(expected * (1.0 - p)) + 16)
     log_keep = math.log1p(-p)
     chunks: list[torch.Tensor] = []
     last = -1
