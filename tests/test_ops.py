@@ -75,11 +75,17 @@ def grads(layer: Linear, x: torch.Tensor, y: torch.Tensor, grad_out: torch.Tenso
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("bias", ["none", "trainable", "absent"])
 @pytest.mark.parametrize("n_adapters", [1, 2])
-@pytest.mark.parametrize("dropout", [0.0, 0.1, 0.5])
-def test_fused_matches_plain_autograd(kind: str, bias: str, n_adapters: int, dropout: float) -> None:
+@pytest.mark.parametrize("dropout", [0.0, 0.1, "0.1-dense", 0.5])
+def test_fused_matches_plain_autograd(kind: str, bias: str, n_adapters: int, dropout: float | str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """p = 0.1 takes the sparse (CSR) dropout form, "0.1-dense" and 0.5 the dense mask."""
     if kind == "conv1d" and bias == "absent":
         pytest.skip("GPT-2's Conv1D always has a bias")
-    layer = make_layer(kind, bias, n_adapters, dropout)
+    if dropout == "0.1-dense":
+        dropout = 0.1
+    else:
+        monkeypatch.setattr(ops, "SPARSE_DROPOUT_MIN_NUMEL", 0)  # these inputs are tiny
+    layer = make_layer(kind, bias, n_adapters, float(dropout))
     x = torch.randn(N_ROWS, T, K, requires_grad=True)
     grad_out = torch.randn(N_ROWS, T, D)
 
@@ -108,7 +114,7 @@ def test_dropout_is_applied_and_mask_redrawn_identically() -> None:
     no_dropout = layer(x)
     torch.testing.assert_close(first, again, atol=0, rtol=0)
     assert not torch.allclose(first, no_dropout)
-    for p in (0.05, 0.5):  # sparse and dense draws: deterministic given the seed, about p dropped
+    for p in (0.05, 0.5):  # sparse (1000×1000) and dense draws: deterministic given the seed, ~p dropped
         torch.testing.assert_close(ops.dropout_mask(x, p, 123), ops.dropout_mask(x, p, 123), atol=0, rtol=0)
         dropped = 1 - ops.dropout_mask(torch.empty(1000, 1000), p, 5).float().mean().item()
         assert abs(dropped - p) < 3e-3, (p, dropped)
@@ -125,7 +131,8 @@ def test_dropped_positions_form_a_bernoulli_process() -> None:
         assert int(counts.min()) > 400
 
 
-def test_base_weight_gradient_when_unfrozen() -> None:
+def test_base_weight_gradient_when_unfrozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "SPARSE_DROPOUT_MIN_NUMEL", 0)
     for kind in ("linear", "conv1d"):
         layer = make_layer(kind, "trainable", 2, dropout=0.2)
         layer.base_layer.weight.requires_grad_(True)
@@ -140,7 +147,9 @@ def test_base_weight_gradient_when_unfrozen() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_low_precision_input_with_fp32_adapters(dtype: torch.dtype, dropout: float) -> None:
+def test_low_precision_input_with_fp32_adapters(dtype: torch.dtype, dropout: float,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "SPARSE_DROPOUT_MIN_NUMEL", 0)
     layer = make_layer("linear", "trainable", 2, dropout, dtype=dtype)
     a, b = layer.factors("a0")
     assert a.dtype == b.dtype == torch.float32 and layer.base_layer.weight.dtype == dtype

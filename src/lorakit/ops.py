@@ -16,7 +16,7 @@ saved: it is drawn from a private generator seeded with that integer and drawn a
 dropout adds no saved activation at all, where the straightforward version saves a dropped copy of x and
 a mask per adapter (REFERENCE.md's cost model).
 
-Dropout without (N, k) passes (``Dropout``): for p ≤ 0.25 the dropped elements (about p·N·k of them) are
+Dropout without (N, k) passes (``Dropout``): for p ≤ 0.25 (and N·k ≥ 65536) the dropped elements (about p·N·k of them) are
 drawn directly as a Bernoulli process (geometric gaps) and x restricted to them is a sparse CSR matrix D:
 h = x·Aᵀ - D·Aᵀ, ∂A = g_hᵀ·x - (Dᵀ·g_h)ᵀ, and ∂x's LoRA term is g_h·A minus its values at the dropped
 positions (``torch.sparse.sampled_addmm``). A dense mask would cost a Bernoulli draw, a multiply and a
@@ -84,15 +84,18 @@ def draw_seed() -> int:
 
 
 SPARSE_DROPOUT_MAX_P = 0.25
-"""Up to this dropout probability the dropped elements are handled as a sparse correction (see
-``Dropout``); above it, as a dense boolean mask."""
+SPARSE_DROPOUT_MIN_NUMEL = 1 << 16
+"""Up to dropout probability SPARSE_DROPOUT_MAX_P, and for inputs of at least SPARSE_DROPOUT_MIN_NUMEL
+elements, the dropped elements are handled as a sparse correction (see ``Dropout``); otherwise as a dense
+boolean mask (below that size the sparse form's extra kernel launches cost more than the passes it
+saves)."""
 
 
 class Dropout(NamedTuple):
     """One draw of inverted dropout over an (N, k) input, each element dropped independently with
     probability p.
 
-    Sparse form (p ≤ SPARSE_DROPOUT_MAX_P): the dropped elements' flat indices, rows and columns, in
+    Sparse form (p ≤ SPARSE_DROPOUT_MAX_P, large inputs): the dropped elements' flat indices, rows and columns, in
     row-major order, plus the CSR row pointer, so that "x restricted to the dropped elements" is a sparse
     CSR matrix D and every dropout term becomes a sparse product: h = x·Aᵀ - D·Aᵀ, ∂A = g_hᵀ·x - g_hᵀ·D,
     ∂x = (g_h·A) minus its values at the dropped positions (a sampled matmul). O(p·N·k) work, where a
@@ -112,7 +115,7 @@ class Dropout(NamedTuple):
         if seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed)
-        if p > SPARSE_DROPOUT_MAX_P:
+        if p > SPARSE_DROPOUT_MAX_P or shape[0] * shape[1] < SPARSE_DROPOUT_MIN_NUMEL:
             none = torch.empty(0, dtype=torch.long, device=device)
             keep = torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
             return cls(none, none, none, none, keep)
