@@ -10,7 +10,6 @@ TRAIN_ARGS ?=
 
 $(BIN)/lorakit: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(BIN)/lorakit
