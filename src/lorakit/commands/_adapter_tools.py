@@ -61,31 +61,12 @@ def resolve_model_dir(arg: str | None, adapter_dirs: Sequence[str]) -> Path:
 
 def load_base_model(directory: Path, dtype: str, flag: str = "--model") -> nn.Module:
     """A causal LM from a local directory (no tokenizer needed), in eval mode."""
-    import torch
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
+    from ..train.loop import load_model_weights
 
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{flag} {directory}: no config.json there; pass a local Hugging Face model "
                                 "directory (one written by save_pretrained).")
-    from transformers.utils import logging as hf_logging
-
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise for these verbs
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), local_files_only=True)
-    except ValueError as exc:
-        raise ValueError(f"{flag} {directory} is not a causal language model "
-                         f"({str(exc).splitlines()[0]}); pass a directory holding an AutoModelForCausalLM.") from None
-    except OSError as exc:
-        raise FileNotFoundError(f"{flag} {directory}: cannot load weights ({str(exc).splitlines()[0]}).") from None
-    except SafetensorError as exc:
-        raise ValueError(f"{flag} {directory}: its weights cannot be read ({str(exc).splitlines()[0]}); the file "
-                         "is truncated or corrupt — re-save or re-download the model.") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
-    return model.eval()
+    return load_model_weights(directory, dtype, flag)
 
 
 def load_adapters(args: argparse.Namespace, names: Sequence[str]) -> Any:

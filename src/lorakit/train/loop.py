@@ -66,9 +66,7 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.Mo
         FileNotFoundError: the directory or its config.json is missing.
         ValueError: the directory holds no causal language model.
     """
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoTokenizer
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
@@ -76,22 +74,7 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.Mo
             f"--model {model_dir}: no config.json there; pass a local Hugging Face model directory "
             "(one written by save_pretrained), or omit --model for the embedded SmolLM2."
         )
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise (and breaks one-line errors)
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
-    except ValueError as exc:
-        raise ValueError(f"--model {model_dir} is not a causal language model ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0]}); lorakit train needs an AutoModelForCausalLM.") from None
-    except OSError as exc:
-        raise FileNotFoundError(f"--model {model_dir}: cannot load the model ({str(exc).splitlines()[0]}).") from None
-    except SafetensorError as exc:
-        raise ValueError(f"--model {model_dir}: its weights cannot be read ({str(exc).splitlines()[0]}); the file "
-                         "is truncated or corrupt — re-save or re-download the model.") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
+    model = load_model_weights(path, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -99,8 +82,31 @@ def load_causal_lm(model_dir: str | Path, dtype: str = "float32") -> tuple[nn.Mo
                                 "save the tokenizer next to the model with tokenizer.save_pretrained(dir).") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    del config
-    return model.eval(), tokenizer
+    return model, tokenizer
+
+
+def load_model_weights(path: Path, dtype: str = "float32", flag: str = "--model") -> nn.Module:
+    """An ``AutoModelForCausalLM`` from local ``path`` in eval mode, each failure one clear error naming ``flag``."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise (and breaks one-line errors)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+    except ValueError as exc:
+        raise ValueError(f"{flag} {path} is not a causal language model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0]}); lorakit needs an AutoModelForCausalLM.") from None
+    except OSError as exc:
+        raise FileNotFoundError(f"{flag} {path}: cannot load the model ({str(exc).splitlines()[0]}).") from None
+    except SafetensorError as exc:
+        raise ValueError(f"{flag} {path}: its weights cannot be read ({str(exc).splitlines()[0]}); the file "
+                         "is truncated or corrupt — re-save or re-download the model.") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+    return model.eval()
 
 
 def load_task(opts: TrainOptions) -> Task:
