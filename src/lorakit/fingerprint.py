@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layers.base import LoraLayer, _apply_ulp_residual
+from .layers.base import LoraLayer
 
 FINGERPRINT_KEY = "lorakit.base_fingerprint"
 SAMPLE_KEY = "lorakit.base_sample"
@@ -117,9 +117,4 @@ def fingerprint_weights(named_weights: Iterable[tuple[str, torch.Tensor]]) -> Ba
 def unmerged_base_weight(layer: LoraLayer) -> torch.Tensor:
     """``layer.base_layer.weight`` with every merged adapter subtracted, bit-exactly as ``unmerge`` does it,
     without changing the layer. Returns the weight itself (no copy) when nothing is merged."""
-    weight = layer.base_layer.weight.detach()
-    for name in reversed(layer.merged_adapters):
-        delta = layer.delta_weight(name).to(weight.device)
-        estimate = layer._unmerged_estimate(weight, delta)
-        weight = _apply_ulp_residual(estimate, layer._unmerge_residual[name].to(weight.device))
-    return weight
+    return layer.unmerged_weight()

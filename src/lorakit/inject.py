@@ -183,10 +183,22 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str
     return found
 
 
+_structure_version = 0
+"""Bumped by every module swap lorakit makes (``set_submodule``): lists of adapter layers cached by a
+``PeftModel`` stay valid while it is unchanged (walking ``model.modules()`` costs milliseconds per call)."""
+
+
+def structure_version() -> int:
+    """A number that changes whenever lorakit inserts or removes a LoRA layer or modules_to_save wrapper."""
+    return _structure_version
+
+
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    global _structure_version
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+    _structure_version += 1
 
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:

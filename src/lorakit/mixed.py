@@ -115,6 +115,9 @@ class BatchPlan:
     device: torch.device | None = None
     # slot names of a stack -> (N,) slot per row; most layers share one set of names, so few entries.
     _rows: dict[tuple[str, ...], torch.Tensor] = field(default_factory=dict, repr=False)
+    # id(layer) -> that layer's cached stacks, checked once per plan: a generate call applies the same plan
+    # to every layer at every step, and the factors cannot change in between (no optimizer step inside).
+    _stacks: dict[int, StackedFactors] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, adapter_names: list[str], device: torch.device | None = None) -> BatchPlan:
@@ -151,7 +154,9 @@ class BatchPlan:
         embedding = isinstance(layer, Embedding)
         if not (isinstance(layer, Linear) or embedding) or (embedding and layer.base_layer.max_norm is not None):
             return self._apply_loop(layer, x, result, used)  # nn.Conv1d/2d, renormalised embeddings
-        stacks = stacked_factors(layer)
+        stacks = self._stacks.get(id(layer))
+        if stacks is None:
+            stacks = self._stacks[id(layer)] = stacked_factors(layer)
         if any(layer.lora_dropout[n].training for n in stacks.dropout_names if n in self.groups):
             return self._apply_loop(layer, x, result, used)  # per-adapter dropout probabilities
         if torch.is_grad_enabled():

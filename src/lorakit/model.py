@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .inject import adapter_layers, inject_adapter, mark_trainable, replace_with_base
+from .inject import adapter_layers, inject_adapter, mark_trainable, replace_with_base, structure_version
 from .layers.base import BASE_ROW, LoraLayer
+from .layers.modules_to_save import ModulesToSaveWrapper
 from .mixed import BatchPlan
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -95,7 +96,7 @@ class PeftModel(nn.Module):
             yield
             return
         plan = self._plan_mixed_batch(adapter_names, args, kwargs)
-        layers = list(adapter_layers(self.base_model.model))
+        layers = self._adapter_layers()
         for layer in layers:
             layer.batch_plan = plan
         try:
@@ -165,8 +166,18 @@ class PeftModel(nn.Module):
             names.extend(n for n in layer.merged_adapters if n not in names)
         return names
 
+    def _adapter_layers(self) -> list[LoraLayer | ModulesToSaveWrapper]:
+        """Every LoRA layer and modules_to_save wrapper, cached until lorakit swaps a module (a mixed-batch
+        decode step would otherwise spend milliseconds walking ``model.modules()``)."""
+        version = (structure_version(), id(self.base_model.model))
+        cached = self.__dict__.get("_layer_cache")
+        if cached is None or cached[0] != version:
+            cached = (version, list(adapter_layers(self.base_model.model)))
+            self.__dict__["_layer_cache"] = cached
+        return cached[1]
+
     def _lora_layers(self) -> Iterator[LoraLayer]:
-        return (m for m in adapter_layers(self.base_model.model) if isinstance(m, LoraLayer))
+        return (m for m in self._adapter_layers() if isinstance(m, LoraLayer))
 
     def _require_adapter(self, name: str) -> None:
         if name not in self.peft_config:
@@ -198,7 +209,7 @@ class PeftModel(nn.Module):
 
     def _apply_active(self, names: list[str]) -> None:
         self._active = list(names)
-        for layer in adapter_layers(self.base_model.model):
+        for layer in self._adapter_layers():
             layer.active_adapters = [n for n in names if n in layer.adapter_names]
         trainable = not any(self.peft_config[n].inference_mode for n in names)
         bias = self.peft_config[names[0]].bias if names else "none"
@@ -214,7 +225,7 @@ class PeftModel(nn.Module):
             )
         if len(self.peft_config) == 1:
             raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back.")
-        for layer in adapter_layers(self.base_model.model):
+        for layer in self._adapter_layers():
             layer.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
         remaining = [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]
@@ -248,7 +259,7 @@ class PeftModel(nn.Module):
         merged = self.merged_adapters
         if merged:
             self.unmerge_adapter()
-        layers = list(adapter_layers(self.base_model.model))
+        layers = self._adapter_layers()
         previous = [layer.disable_adapters for layer in layers]
         for layer in layers:
             layer.disable_adapters = True

@@ -11,14 +11,16 @@ is laid out in the base weight's orientation, and how the LoRA branch is compute
 Bit-exact unmerge: merging computes W = round(W0 + ΔW) in the weight's dtype, which destroys low bits of
 W0. To give them back we keep, per merged adapter, the difference in ULPs between W0 and what unmerging
 would otherwise compute, round(W - ΔW). That difference is almost always 0 or ±1, so it is stored as int8
-(1 byte per weight element: 25 % of an fp32 weight, 50 % of a bf16/fp16 one), widened to int64 only in
-the rare layer where some element needs more. Unmerging adds it back, so W0 returns bit for bit however
+(1 byte per weight element: 25 % of an fp32 weight, 50 % of a bf16/fp16 one); the rare element where it
+does not fit keeps its W0 value in a short sparse list. Unmerging adds it back, so W0 returns bit for bit however
 many merge/unmerge cycles run. The memory is freed by unmerge and by ``merge_and_unload``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +31,9 @@ if TYPE_CHECKING:
 
 BASE_ROW = "__base__"
 """Adapter name that, in a mixed batch, means "no adapter for this row"."""
+
+_BLOCK_ELEMENTS = 1 << 19
+"""Weight elements per merge block (2 MiB of fp32): ΔW and the temporaries of one block stay in cache."""
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
              torch.float64: torch.int64}
@@ -58,7 +63,7 @@ class LoraLayer(nn.Module):
         # Set by the model wrapper for the duration of a mixed-batch forward (see lorakit.mixed).
         self.batch_plan: BatchPlan | None = None
         # adapter name -> ULP correction restoring W0 bit-exactly on unmerge (see module docstring).
-        self._unmerge_residual: dict[str, torch.Tensor] = {}
+        self._unmerge_residual: dict[str, UlpResidual] = {}
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -189,49 +194,121 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ merge
     def merge(self, adapter_names: list[str] | None = None) -> None:
-        """Add s·B·A into the base weight for each adapter (default: the active ones); idempotent."""
+        """Add s·B·A into the base weight for each adapter (default: the active ones); idempotent.
+
+        The weight is updated in place, one block of rows at a time (ΔW, W0 + ΔW and the ULP residual of a
+        block stay in cache instead of making ~10 passes over the whole weight in memory).
+        """
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.r:
                 continue
             weight = self.base_layer.weight
-            delta = self.delta_weight(name).to(weight.device)
-            original = weight.data
-            merged = (original.to(delta.dtype) + delta).to(original.dtype)
-            self._unmerge_residual[name] = _ulp_residual(original, self._unmerged_estimate(merged, delta))
-            weight.data = merged
+            data = weight.data if weight.data.is_contiguous() else weight.data.contiguous()
+            matrix = data.view(data.shape[0], -1)
+            self._unmerge_residual[name] = _merge_in_place(matrix, self._delta_blocks(name, matrix))
+            if data is not weight.data:
+                weight.data = data
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """Subtract every merged adapter again (last merged first), restoring W0 bit for bit."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight = self.base_layer.weight
-            delta = self.delta_weight(name).to(weight.device)
-            estimate = self._unmerged_estimate(weight.data, delta)
-            residual = self._unmerge_residual.pop(name).to(weight.device)
-            weight.data = _apply_ulp_residual(estimate, residual)
+            data = self.base_layer.weight.data
+            residual = self._unmerge_residual.pop(name)
+            _unmerge_in_place(data.view(data.shape[0], -1), self._delta_blocks(name, data), residual)
 
-    @staticmethod
-    def _unmerged_estimate(merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return (merged.to(delta.dtype) - delta).to(merged.dtype)
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight with every merged adapter subtracted, bit-exactly as ``unmerge`` does it, without
+        changing the layer; the weight itself (no copy) when nothing is merged."""
+        weight = self.base_layer.weight.detach()
+        if not self.merged_adapters:
+            return weight
+        weight = weight.clone(memory_format=torch.contiguous_format)
+        for name in reversed(self.merged_adapters):
+            _unmerge_in_place(weight.view(weight.shape[0], -1), self._delta_blocks(name, weight),
+                              self._unmerge_residual[name])
+        return weight
+
+    def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(L, R) with ΔW = L·R laid out like the base weight viewed (rows, -1); None where ΔW has no such
+        split (convolutions), and then merging uses ``delta_weight`` whole."""
+        return None
+
+    def _delta_blocks(self, adapter_name: str, weight: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, stop, ΔW[start:stop]) over blocks of weight rows of about ``_BLOCK_ELEMENTS`` elements.
+
+        Merge and unmerge must compute ΔW bit-identically, so both take it from here (same blocks, same
+        matmul shapes)."""
+        rows = weight.shape[0]
+        factors = self.delta_factors(adapter_name)
+        if factors is None:
+            yield 0, rows, self.delta_weight(adapter_name).to(weight.device).reshape(rows, -1)
+            return
+        left, right = (f.to(weight.device) for f in factors)
+        step = max(1, _BLOCK_ELEMENTS // max(right.shape[1], 1))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            yield start, stop, left[start:stop] @ right
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
         return f"adapters=({ranks}), active={self.active_adapters}, merged={self.merged_adapters}"
 
 
-def _ulp_residual(target: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
-    """bits(target) - bits(estimate) as int8 when it fits (it almost always does), else int64."""
-    int_dtype = _INT_VIEW.get(target.dtype)
+@dataclass
+class UlpResidual:
+    """What restores W0 after a merge: ``diff`` = bits(W0) − bits(round(W − ΔW)) as int8, same shape as the
+    weight viewed (rows, -1); elements where that does not fit (|diff| > 127, or a sign change) keep their
+    W0 value at flat positions ``index`` in ``value`` instead."""
+
+    diff: torch.Tensor
+    index: torch.Tensor
+    value: torch.Tensor
+
+
+def _int_view(dtype: torch.dtype) -> torch.dtype:
+    int_dtype = _INT_VIEW.get(dtype)
     if int_dtype is None:
-        raise TypeError(f"cannot merge into a {target.dtype} weight; lorakit merges float16/bfloat16/float32/64.")
-    diff = target.view(int_dtype).to(torch.int64) - estimate.view(int_dtype).to(torch.int64)
-    if diff.numel() == 0 or (diff.abs().max() <= 127):
-        return diff.to(torch.int8)
-    return diff
+        raise TypeError(f"cannot merge into a {dtype} weight; lorakit merges float16/bfloat16/float32/64.")
+    return int_dtype
 
 
-def _apply_ulp_residual(estimate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    int_dtype = _INT_VIEW[estimate.dtype]
-    bits = estimate.view(int_dtype).to(torch.int64) + residual.to(torch.int64)
-    return bits.to(int_dtype).view(estimate.dtype)
+def _merge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]]) -> UlpResidual:
+    """matrix ← round(matrix + ΔW) block by block; returns what ``_unmerge_in_place`` needs to undo it."""
+    int_dtype = _int_view(matrix.dtype)  # before any change: an unsupported dtype leaves the weight as it was
+    cols = matrix.shape[1]
+    diff = torch.empty(matrix.shape, dtype=torch.int8, device=matrix.device)
+    index: list[torch.Tensor] = []
+    value: list[torch.Tensor] = []
+    for start, stop, delta in blocks:
+        w0 = matrix[start:stop]
+        merged = (w0.to(delta.dtype) + delta).to(matrix.dtype)
+        estimate = (merged.to(delta.dtype) - delta).to(matrix.dtype)
+        bits0, bits = w0.view(int_dtype), estimate.view(int_dtype)
+        d = bits0 - bits  # cannot overflow when the signs agree; a sign change is an exception anyway
+        bad = (d.abs() > 127) | ((bits0 ^ bits) < 0)
+        if bool(bad.any()):
+            local = bad.reshape(-1).nonzero().squeeze(1)
+            index.append(local + start * cols)
+            value.append(w0.reshape(-1)[local].clone())
+            d.masked_fill_(bad, 0)
+        diff[start:stop] = d
+        w0.copy_(merged)
+    device = matrix.device
+    return UlpResidual(diff,
+                       torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=device),
+                       torch.cat(value) if value else matrix.new_empty(0))
+
+
+def _unmerge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]],
+                      residual: UlpResidual) -> None:
+    """matrix ← W0, bit for bit: round(matrix − ΔW) corrected by the stored ULP differences."""
+    int_dtype = _int_view(matrix.dtype)
+    diff = residual.diff.to(matrix.device)
+    for start, stop, delta in blocks:
+        w = matrix[start:stop]
+        estimate = (w.to(delta.dtype) - delta).to(matrix.dtype)
+        w.view(int_dtype).copy_(estimate.view(int_dtype) + diff[start:stop])
+    if residual.index.numel():
+        matrix.view(-1)[residual.index.to(matrix.device)] = residual.value.to(matrix.device)

@@ -47,6 +47,12 @@ class Embedding(LoraLayer):
         a, b = self.factors(adapter_name)
         return (b.float() @ a.float()).t() * self.scaling[adapter_name]  # (vocab, dim) like W0
 
+    def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW (vocab, dim) = Aᵀ·(s·B)ᵀ, A (r, vocab), B (dim, r)."""
+        a, b = self.factors(adapter_name)
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        return a.to(dtype).t(), (b.to(dtype) * self.scaling[adapter_name]).t()
+
     def lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.factors(adapter_name)
         base = self.base_layer

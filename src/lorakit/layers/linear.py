@@ -51,6 +51,13 @@ class Linear(LoraLayer):
         delta = (b.float() @ a.float()) * self.scaling[adapter_name]  # (d, r)·(r, k) = (d, k)
         return self._weight_as_out_in(delta)
 
+    def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW = (s·B)·A for an (out, in) weight; ΔWᵀ = Aᵀ·(s·B)ᵀ for Conv1D's (in, out) one."""
+        a, b = self.factors(adapter_name)
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        a, sb = a.to(dtype), b.to(dtype) * self.scaling[adapter_name]
+        return (a.t(), sb.t()) if self.fan_in_fan_out else (sb, a)
+
     def lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.factors(adapter_name)
         dropped = self.lora_dropout[adapter_name](self._adapter_input(x, adapter_name))

@@ -29,7 +29,7 @@ class TrainOptions:
     """Held-out file; None: the default task's held-out split, or the last eval_fraction of --data."""
     eval_fraction: float = 0.1
     """Share of --data held out when no --eval-data is given."""
-    train_size: int | None = 320
+    train_size: int | None = 640
     """Use at most this many training examples (None: all)."""
     eval_size: int | None = 500
     """Evaluate on at most this many held-out examples (None: all)."""
