@@ -57,15 +57,48 @@ class LoraLayer(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.active_adapters: list[str] = []
+        # Adapters whose branch runs in forward (active, not merged, not disabled); None: recompute. Every
+        # change of the state it depends on resets it (the setters below, merge, unmerge, update, delete), so
+        # the hot path of a merged or disabled layer is one attribute check before the base call.
+        self._live: list[str] | None = None
+        self._active_adapters: list[str] = []
+        self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.disable_adapters = False
         # Set by the model wrapper for the duration of a mixed-batch forward (see lorakit.mixed).
         self.batch_plan: BatchPlan | None = None
         # adapter name -> ULP correction restoring W0 bit-exactly on unmerge (see module docstring).
         self._unmerge_residual: dict[str, UlpResidual] = {}
 
     # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        """Adapters whose outputs are added (in order); set by the model wrapper's ``set_adapter``."""
+        return self._active_adapters
+
+    @active_adapters.setter
+    def active_adapters(self, names: list[str]) -> None:
+        self._active_adapters = list(names)
+        self._live = None
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True inside ``disable_adapter()``: the layer computes the base output only."""
+        return self._disable_adapters
+
+    @disable_adapters.setter
+    def disable_adapters(self, value: bool) -> None:
+        self._disable_adapters = bool(value)
+        self._live = None
+
+    def live_adapters(self) -> list[str]:
+        """The adapters whose LoRA branch runs in forward: active, present here, not merged, not disabled."""
+        live = self._live
+        if live is None:
+            live = [] if self._disable_adapters else [
+                n for n in self._active_adapters if n not in self.merged_adapters and n in self.r]
+            self._live = live
+        return live
+
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (so code that reads ``module.weight`` keeps working)."""
@@ -86,6 +119,7 @@ class LoraLayer(nn.Module):
     ) -> None:
         """Create adapter ``adapter_name`` with rank r, initialised per ``init_lora_weights``."""
         self.r[adapter_name] = r
+        self._live = None
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
@@ -140,7 +174,7 @@ class LoraLayer(nn.Module):
                 del container[adapter_name]
         for table in (self.r, self.lora_alpha, self.scaling):
             table.pop(adapter_name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]  # also resets _live
 
     @property
     def adapter_names(self) -> list[str]:
@@ -170,12 +204,10 @@ class LoraLayer(nn.Module):
         layers take the fused path of ``lorakit.ops`` where it applies; a mixed batch (``batch_plan``)
         goes through ``lorakit.mixed``.
         """
-        if self.disable_adapters:
-            return self.base_layer(x, *args, **kwargs)
+        live = self._live if self._live is not None else self.live_adapters()
         plan = self.batch_plan
-        if plan is not None:
+        if plan is not None and not self._disable_adapters:
             return plan.apply(self, x, self.base_layer(x, *args, **kwargs))
-        live = [n for n in self.active_adapters if n not in self.merged_adapters and n in self.r]
         if not live:
             return self.base_layer(x, *args, **kwargs)
         if not args and not kwargs:
@@ -209,11 +241,13 @@ class LoraLayer(nn.Module):
             if data is not weight.data:
                 weight.data = data
             self.merged_adapters.append(name)
+            self._live = None
 
     def unmerge(self) -> None:
         """Subtract every merged adapter again (last merged first), restoring W0 bit for bit."""
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            self._live = None
             data = self.base_layer.weight.data
             residual = self._unmerge_residual.pop(name)
             _unmerge_in_place(data.view(data.shape[0], -1), self._delta_blocks(name, data), residual)
