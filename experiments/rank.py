@@ -45,8 +45,8 @@ CONFIGS: dict[str, tuple[list[str], int]] = {
 RANK_SWEEP = ["qv-r1", "qv-r2", "qv-r4", "qv-r8", "qv-r64"]
 PLACEMENTS = ["q-r16", "qv-r8", "qkvo-r4", "attn-mlp-r2"]
 
-FULL = dict(train_size=64, eval_size=128, seeds=[0, 1, 2], batch_size=8, lr=2e-3, warmup=1, alpha=16,
-            configs=list(CONFIGS), max_length=64, budget_min=45.0)
+FULL = dict(train_size=320, eval_size=256, seeds=[0, 1, 2], batch_size=8, lr=2e-3, warmup=2, alpha=16,
+            configs=list(CONFIGS), max_length=64, budget_min=60.0)
 QUICK = dict(train_size=8, eval_size=16, seeds=[0, 1], batch_size=4, lr=2e-3, warmup=1, alpha=16,
              configs=["qv-r8", "qv-r1"], max_length=64, budget_min=5.0)
 

@@ -242,3 +242,24 @@ def test_inject_on_meta_device() -> None:
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=["0", "1"]))
     assert all(p.device.type == "meta" for p in peft.parameters())
     assert peft.get_nb_trainable_parameters()[0] == 2 * (4 + 4) + 2 * (10 + 4)
+
+
+def test_seq_cls_trains_and_saves_the_head(tmp_path) -> None:
+    """task_type=SEQ_CLS adds the classification head to modules_to_save, as PEFT does (it exists only as
+    "score" here; the absent "classifier" is not an error)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type=TaskType.SEQ_CLS)
+    peft = get_peft_model(model, config)
+    assert config.modules_to_save is None  # the user's config object is not changed
+    assert peft.peft_config["default"].modules_to_save == ["classifier", "score"]
+    trainable = {n for n, p in peft.named_parameters() if p.requires_grad}
+    assert any(".score.modules_to_save.default." in n for n in trainable)
+    peft.save_pretrained(str(tmp_path))
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.score.weight" in keys

@@ -46,6 +46,18 @@ def _toy_ids() -> torch.Tensor:
 
 Case = tuple[Callable[[], nn.Module], dict[str, Any], Callable[[], torch.Tensor]]
 
+
+def _gpt2_classifier() -> nn.Module:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, num_labels=3, pad_token_id=0)
+    return GPT2ForSequenceClassification(config).eval()
+
+
+def _cls_ids() -> torch.Tensor:
+    return torch.randint(1, 64, (2, 10))
+
+
 # Configs valid in both libraries (same keyword names), each paired with a base model and inputs.
 CASES: dict[str, Case] = {
     "c_attn": (make_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn"]), _gpt2_ids),
@@ -61,6 +73,7 @@ CASES: dict[str, Case] = {
     "regex_target": (make_llama, dict(r=2, target_modules=r".*layers\.1\.mlp\.(up|down)_proj"), _gpt2_ids),
     "toy_convs": (lambda: ToyNet().eval(), dict(r=2, lora_alpha=4, target_modules=["emb", "conv1d", "conv2d", "mlp"],
                                                 modules_to_save=["head"]), _toy_ids),
+    "seq_cls": (_gpt2_classifier, dict(r=4, target_modules=["c_attn"], task_type="SEQ_CLS"), _cls_ids),
 }
 
 
@@ -88,18 +101,8 @@ def test_lorakit_adapter_loads_in_peft(case: str, tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(theirs, inputs), expected, atol=ATOL, rtol=0)
 
 
-def _gpt2_classifier() -> nn.Module:
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, num_labels=3, pad_token_id=0)
-    return GPT2ForSequenceClassification(config).eval()
-
-
-# PEFT-only case: for SEQ_CLS PEFT saves the head and lists modules_to_save=["classifier", "score"].
-FROM_PEFT_CASES: dict[str, Case] = CASES | {
-    "seq_cls": (_gpt2_classifier, dict(r=4, target_modules=["c_attn"], task_type="SEQ_CLS"),
-                lambda: torch.randint(1, 64, (2, 10))),
-}
+# SEQ_CLS: both libraries train and save the classification head ("score" here) without being told.
+FROM_PEFT_CASES: dict[str, Case] = CASES
 
 
 @pytest.mark.parametrize("case", sorted(FROM_PEFT_CASES))

@@ -6,6 +6,7 @@ replacements (raising ``ValueError`` naming the bad value and the fix), then ``i
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .config import LoraConfig
+from .config import LoraConfig, TaskType
 from .errors import LorakitWarning
 from .layers import SUPPORTED_LAYER_TYPES, LoraLayer, is_gpt2_conv1d, layer_class_for
 from .layers.modules_to_save import ModulesToSaveWrapper
@@ -170,13 +171,30 @@ def _is_fan_in_fan_out(module: nn.Module) -> bool:
     return is_gpt2_conv1d(module.base_layer if isinstance(module, LoraLayer) else module)
 
 
+SEQ_CLS_HEADS = ("classifier", "score")
+"""Classification heads a SEQ_CLS adapter trains and saves, as PEFT does (transformers' names for them)."""
+
+
+def with_task_heads(config: LoraConfig) -> LoraConfig:
+    """PEFT's rule for ``task_type="SEQ_CLS"``: the classification head is trained and saved with the adapter,
+    so ``"classifier"`` and ``"score"`` join ``modules_to_save`` (whichever the model has is used). Returns a
+    new config; other task types come back unchanged."""
+    if config.task_type != TaskType.SEQ_CLS:
+        return config
+    names = list(config.modules_to_save or [])
+    return dataclasses.replace(config, modules_to_save=names + [h for h in SEQ_CLS_HEADS if h not in names])
+
+
 def plan_modules_to_save(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """Modules named in ``modules_to_save`` (exact name or dotted suffix); error if one matches nothing."""
+    """Modules named in ``modules_to_save`` (exact name or dotted suffix); error if one matches nothing
+    (except a SEQ_CLS head name the model does not use: PEFT lists both)."""
     if not config.modules_to_save:
         return []
     found: list[tuple[str, nn.Module]] = []
     for entry in config.modules_to_save:
         hits = [(n, m) for n, m in iter_base_modules(model) if n and (n == entry or n.endswith("." + entry))]
+        if not hits and config.task_type == TaskType.SEQ_CLS and entry in SEQ_CLS_HEADS:
+            continue
         if not hits:
             raise ValueError(f"modules_to_save entry {entry!r} matches no module in the model; check the name.")
         found.extend(hits)

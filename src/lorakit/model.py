@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .inject import adapter_layers, inject_adapter, mark_trainable, replace_with_base, structure_version
+from .inject import (
+    adapter_layers,
+    inject_adapter,
+    mark_trainable,
+    replace_with_base,
+    structure_version,
+    with_task_heads,
+)
 from .layers.base import BASE_ROW, LoraLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .mixed import BatchPlan
@@ -69,6 +76,7 @@ class PeftModel(nn.Module):
                 "the model already holds LoRA adapters; call add_adapter(name, config) on its PeftModel "
                 "instead of wrapping it again."
             )
+        peft_config = with_task_heads(peft_config)  # SEQ_CLS: the classification head is saved too (PEFT)
         inject_adapter(model, peft_config, adapter_name)  # validates first: on error the model is unchanged
         self.base_model = LoraModel(model)
         self.peft_config: dict[str, LoraConfig] = {adapter_name: peft_config}
@@ -191,6 +199,7 @@ class PeftModel(nn.Module):
                              "delete_adapter() it first.")
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}.")
+        peft_config = with_task_heads(peft_config)
         inject_adapter(self.base_model.model, peft_config, adapter_name)
         self.peft_config[adapter_name] = peft_config
         self._apply_active(self._active)
