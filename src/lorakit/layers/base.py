@@ -225,6 +225,7 @@ class LoraLayer(nn.Module):
         return None
 
     # ------------------------------------------------------------------ merge
+    @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None) -> None:
         """Add s·B·A into the base weight for each adapter (default: the active ones); idempotent.
 
@@ -243,6 +244,7 @@ class LoraLayer(nn.Module):
             self.merged_adapters.append(name)
             self._live = None
 
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract every merged adapter again (last merged first), restoring W0 bit for bit."""
         while self.merged_adapters:
@@ -252,6 +254,7 @@ class LoraLayer(nn.Module):
             residual = self._unmerge_residual.pop(name)
             _unmerge_in_place(data.view(data.shape[0], -1), self._delta_blocks(name, data), residual)
 
+    @torch.no_grad()
     def unmerged_weight(self) -> torch.Tensor:
         """The base weight with every merged adapter subtracted, bit-exactly as ``unmerge`` does it, without
         changing the layer; the weight itself (no copy) when nothing is merged."""
@@ -292,9 +295,9 @@ class LoraLayer(nn.Module):
 
 @dataclass
 class UlpResidual:
-    """What restores W0 after a merge: ``diff`` = bits(W0) − bits(round(W − ΔW)) as int8, same shape as the
-    weight viewed (rows, -1); elements where that does not fit (|diff| > 127, or a sign change) keep their
-    W0 value at flat positions ``index`` in ``value`` instead."""
+    """What restores W0 after a merge: ``diff`` = bits(W0) − bits(round(W − ΔW)) as int8 (wrapping integer
+    arithmetic), same shape as the weight viewed (rows, -1); elements where that does not fit keep their W0
+    value at flat positions ``index`` in ``value`` instead."""
 
     diff: torch.Tensor
     index: torch.Tensor
@@ -309,20 +312,33 @@ def _int_view(dtype: torch.dtype) -> torch.dtype:
 
 
 def _merge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]]) -> UlpResidual:
-    """matrix ← round(matrix + ΔW) block by block; returns what ``_unmerge_in_place`` needs to undo it."""
+    """matrix ← round(matrix + ΔW) block by block; returns what ``_unmerge_in_place`` needs to undo it.
+
+    Per block: W′ = round(W0 + ΔW), E = round(W′ − ΔW) (what unmerging computes), d = bits(W0) − bits(E)
+    in the weight's integer view. Integer arithmetic wraps, so bits(E) + d = bits(W0) whatever the signs;
+    d only has to fit int8, checked with one min/max reduction (elements that do not fit, e.g. where ΔW
+    flips a tiny weight's sign, keep their W0 value in the sparse part).
+    """
     int_dtype = _int_view(matrix.dtype)  # before any change: an unsupported dtype leaves the weight as it was
     cols = matrix.shape[1]
     diff = torch.empty(matrix.shape, dtype=torch.int8, device=matrix.device)
     index: list[torch.Tensor] = []
     value: list[torch.Tensor] = []
+    merged: torch.Tensor | None = None
     for start, stop, delta in blocks:
         w0 = matrix[start:stop]
-        merged = (w0.to(delta.dtype) + delta).to(matrix.dtype)
-        estimate = (merged.to(delta.dtype) - delta).to(matrix.dtype)
-        bits0, bits = w0.view(int_dtype), estimate.view(int_dtype)
-        d = bits0 - bits  # cannot overflow when the signs agree; a sign change is an exception anyway
-        bad = (d.abs() > 127) | ((bits0 ^ bits) < 0)
-        if bool(bad.any()):
+        if delta.dtype == matrix.dtype:  # fp32 (fp64) weights: no casts, one buffer reused by every block
+            if merged is None or merged.shape != w0.shape:
+                merged = torch.empty_like(w0)
+            torch.add(w0, delta, out=merged)
+            estimate = delta.neg_().add_(merged)  # ΔW is not needed again: reuse its memory for E
+        else:  # bf16/fp16 weights, fp32 ΔW: round to the weight's dtype at each step
+            merged = (w0.to(delta.dtype) + delta).to(matrix.dtype)
+            estimate = (merged.to(delta.dtype) - delta).to(matrix.dtype)
+        d = w0.view(int_dtype) - estimate.view(int_dtype)
+        low, high = torch.aminmax(d)
+        if low.item() < -127 or high.item() > 127:
+            bad = (d < -127) | (d > 127)
             local = bad.reshape(-1).nonzero().squeeze(1)
             index.append(local + start * cols)
             value.append(w0.reshape(-1)[local].clone())
@@ -342,7 +358,10 @@ def _unmerge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, tor
     diff = residual.diff.to(matrix.device)
     for start, stop, delta in blocks:
         w = matrix[start:stop]
-        estimate = (w.to(delta.dtype) - delta).to(matrix.dtype)
-        w.view(int_dtype).copy_(estimate.view(int_dtype) + diff[start:stop])
+        if delta.dtype == matrix.dtype:
+            estimate = delta.neg_().add_(w)  # the same E as the merge computed (reusing ΔW's memory)
+        else:
+            estimate = (w.to(delta.dtype) - delta).to(matrix.dtype)
+        torch.add(estimate.view(int_dtype), diff[start:stop], out=w.view(int_dtype))
     if residual.index.numel():
         matrix.view(-1)[residual.index.to(matrix.device)] = residual.value.to(matrix.device)
