@@ -191,3 +191,29 @@ def test_plan_checks_row_count_and_builds_stacks_per_layer(model) -> None:
     assert plan.slot_rows(stacks.names, torch.device("cpu")).tolist() == [2, 0, 2]
     with pytest.raises(ValueError, match="2 rows"):
         plan.apply(layer, torch.randn(2, 4, 32), torch.randn(2, 4, 96))
+
+
+@pytest.mark.parametrize("names", [["b", "a", "b", "a"], ["a", BASE_ROW], ["c", "a", "b", BASE_ROW]])
+def test_decode_rows_in_slot_segments_equal_single_adapter_runs(model, monkeypatch, names) -> None:
+    """Decode (1 token per row < rank): layers whose rows fill the stack's slots equally permute the rows
+    instead of gathering weights (ops.segmented_lora_linear); the result is the same as per-row runs."""
+    from lorakit import ops
+
+    calls = []
+    segmented = ops.segmented_lora_linear
+    monkeypatch.setattr(ops, "segmented_lora_linear", lambda *a: calls.append(1) or segmented(*a))
+    ids = torch.randint(3, VOCAB, (len(names), 6))
+    with torch.no_grad():
+        first = model(input_ids=ids, adapter_names=names, use_cache=True)
+        step = model(input_ids=ids[:, -1:], past_key_values=first.past_key_values, adapter_names=names).logits
+    # c_attn holds a, b (+ the zero slot), c_proj a (+ zero), c_fc a, c (+ zero): the first two name lists fill
+    # some layer's slots equally, the last fills none (those layers gather, as in prefill)
+    assert bool(calls) == (names != ["c", "a", "b", BASE_ROW])
+    for i, name in enumerate(set(names)):
+        def run(name=name):
+            with torch.no_grad():
+                out = model(input_ids=ids, use_cache=True)
+                return model(input_ids=ids[:, -1:], past_key_values=out.past_key_values).logits
+        single = single_adapter_run(model, name, run)
+        for row in [j for j, n in enumerate(names) if n == name]:
+            torch.testing.assert_close(step[row], single[row], atol=1e-5, rtol=1e-5, msg=f"row {row} ({name})")

@@ -118,6 +118,8 @@ class BatchPlan:
     # id(layer) -> that layer's cached stacks, checked once per plan: a generate call applies the same plan
     # to every layer at every step, and the factors cannot change in between (no optimizer step inside).
     _stacks: dict[int, StackedFactors] = field(default_factory=dict, repr=False)
+    # slot names -> (perm, lo, hi) when rows fill slots lo..hi-1 equally (see ops.segmented_lora_linear)
+    _segments: dict[tuple[str, ...], tuple[torch.Tensor, int, int] | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, adapter_names: list[str], device: torch.device | None = None) -> BatchPlan:
@@ -139,6 +141,24 @@ class BatchPlan:
                                 device=device)
             self._rows[names] = rows
         return rows if rows.device == device else rows.to(device)
+
+    def segments(self, names: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, int, int] | None:
+        """(perm, lo, hi) if the rows, sorted by slot (``perm``), fill slots lo..hi-1 with equally many rows
+        each — then a layer can use its stacks' slice in place; None otherwise."""
+        if names not in self._segments:
+            position = {n: i for i, n in enumerate(names)}
+            slots = [position.get(n, len(names)) for n in self.adapter_names]
+            counts: dict[int, int] = {}
+            for slot in slots:
+                counts[slot] = counts.get(slot, 0) + 1
+            lo, hi = min(counts), max(counts) + 1
+            uniform = len(counts) == hi - lo and len(set(counts.values())) == 1
+            perm = sorted(range(len(slots)), key=slots.__getitem__)
+            self._segments[names] = (torch.tensor(perm, dtype=torch.long, device=device), lo, hi) if uniform else None
+        found = self._segments[names]
+        if found is not None and found[0].device != device:
+            found = (found[0].to(device), found[1], found[2])
+        return found
 
     def apply(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """result (N, ...) from the base layer → result with each row's adapter added."""
@@ -163,6 +183,11 @@ class BatchPlan:
             trainable = frozenset(n for n in used if any(f.requires_grad for f in layer.factors(n)))
             if trainable:  # training through a mixed batch: stacks built afresh, differentiable
                 stacks = build_stacks(layer, trainable)
+        if not embedding and x.numel() // max(x.shape[0] * x.shape[-1], 1) < stacks.a.shape[1]:
+            # fewer tokens per row than the rank (decode): permuting rows beats gathering weights
+            segments = self.segments(stacks.names, x.device)
+            if segments is not None:
+                return ops.segmented_lora_linear(x, result, stacks.a, stacks.bt, *segments)
         rows = self.slot_rows(stacks.names, x.device)
         if embedding:
             vocab = layer.base_layer.weight.shape[0]

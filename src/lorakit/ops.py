@@ -374,6 +374,31 @@ def gathered_lora_linear(
     return _add_batched(result, h, bt_rows, n, d)
 
 
+def segmented_lora_linear(
+    x: torch.Tensor, result: torch.Tensor, a_stack: torch.Tensor, bt_stack: torch.Tensor, perm: torch.Tensor,
+    lo: int, hi: int,
+) -> torch.Tensor:
+    """``gathered_lora_linear`` without gathering weights, for batches whose rows, taken in the order
+    ``perm``, fill slots lo, lo+1, …, hi-1 with the same number of rows each (e.g. one row per adapter).
+
+    The activations are permuted instead (x rows in slot order, the LoRA output added back at ``perm``), and
+    the stacks' slice [lo, hi) is used in place: cheaper than the gather when a row has fewer tokens than the
+    rank (decode), since a gather copies r·(k + d) numbers per row and this moves T·(k + d).
+    """
+    n, k, d = x.shape[0], x.shape[-1], result.shape[-1]
+    groups = hi - lo
+    xs = x.reshape(n, -1, k).index_select(0, perm).reshape(groups, -1, k)  # (G, c·T, k), slot order
+    if xs.dtype != a_stack.dtype:
+        xs = xs.to(a_stack.dtype)
+    h = torch.bmm(xs, a_stack[lo:hi].transpose(1, 2))  # (G, c·T, r)
+    delta = torch.bmm(h, bt_stack[lo:hi]).reshape(n, -1, d)  # (N, T, d), rows in slot order
+    out = result.view(n, -1, d)
+    if not torch.is_grad_enabled() and result.dtype == delta.dtype and result.is_contiguous():
+        out.index_add_(0, perm, delta)
+        return result
+    return out.index_add(0, perm, delta.to(result.dtype)).view(result.shape)
+
+
 def gathered_lora_embedding(
     ids: torch.Tensor, result: torch.Tensor, a_table: torch.Tensor, bt_stack: torch.Tensor,
     rows: torch.Tensor, vocab: int,
