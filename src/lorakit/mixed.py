@@ -9,7 +9,10 @@ s·Bᵀ (S+1, r_max, d) — zero-padded to the largest rank, the last slot all z
 adapter of that layer is added, removed, rescaled or has its weights changed (checked through the
 factors' version counters). The plan maps each row to a slot once per distinct set of adapter names, so
 a layer costs two ``index_select`` and two ``bmm`` (``lorakit.ops.gathered_lora_linear``) whatever the
-number of adapters or rows: no Python loop over adapters.
+number of adapters or rows: no Python loop over adapters. At decode (fewer tokens per row than the rank),
+when the rows fill the stack's slots lo..hi-1 equally (one row per adapter, say), the rows are permuted
+into slot order instead and the stacks' slice is used in place (``ops.segmented_lora_linear``): moving
+T·(k + d) numbers per row instead of copying r·(k + d) of weights.
 
 Training through a mixed batch (a gradient must reach some adapter's factors) uses the same kernels on
 stacks built afresh, differentiably, for that forward. Per-adapter loop (the fallback): when an
