@@ -209,7 +209,7 @@ def test_decode_rows_in_slot_segments_equal_single_adapter_runs(model, monkeypat
     # c_attn holds a, b (+ the zero slot), c_proj a (+ zero), c_fc a, c (+ zero): the first two name lists fill
     # some layer's slots equally, the last fills none (those layers gather, as in prefill)
     assert bool(calls) == (names != ["c", "a", "b", BASE_ROW])
-    for i, name in enumerate(set(names)):
+    for name in set(names):
         def run(name=name):
             with torch.no_grad():
                 out = model(input_ids=ids, use_cache=True)
