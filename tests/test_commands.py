@@ -35,6 +35,14 @@ def test_every_verb_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert "usage: lorakit " + verb in capsys.readouterr().out
 
 
+def test_leading_double_dash_is_accepted(capsys: pytest.CaptureFixture[str]) -> None:
+    """`lorakit -- train …` works as under torchrun (whose own parser needs the `--`)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--", "inspect", "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: lorakit inspect" in capsys.readouterr().out
+
+
 def test_merge_output_loads_in_plain_transformers(tmp_path: Path, model_and_adapter: tuple[Path, Path]) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -69,6 +69,9 @@ def _one_line_warnings(verb: str) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `torchrun -m lorakit -- train …` needs the `--`; accept it everywhere
+        argv = argv[1:]
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:  # name the verb whose flags were wrong, not just "lorakit"
