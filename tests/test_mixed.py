@@ -205,7 +205,7 @@ def test_decode_rows_in_slot_segments_equal_single_adapter_runs(model, monkeypat
     ids = torch.randint(3, VOCAB, (len(names), 6))
     with torch.no_grad():
         first = model(input_ids=ids, adapter_names=names, use_cache=True)
-        step = model(input_ids=ids[:, -1:], past_key_values=first.past_key_values, adapter_names=names).logits
+        step = model(input_ids=ids[:, -1:], cache=first.past_key_values, adapter_names=names).logits
     # c_attn holds a, b (+ the zero slot), c_proj a (+ zero), c_fc a, c (+ zero): the first two name lists fill
     # some layer's slots equally, the last fills none (those layers gather, as in prefill)
     assert bool(calls) == (names != ["c", "a", "b", BASE_ROW])
@@ -213,7 +213,7 @@ def test_decode_rows_in_slot_segments_equal_single_adapter_runs(model, monkeypat
         def run(name=name):
             with torch.no_grad():
                 out = model(input_ids=ids, use_cache=True)
-                return model(input_ids=ids[:, -1:], past_key_values=out.past_key_values).logits
+                return model(input_ids=ids[:, -1:], cache=out.past_key_values).logits
         single = single_adapter_run(model, name, run)
         for row in [j for j, n in enumerate(names) if n == name]:
             torch.testing.assert_close(step[row], single[row], atol=1e-5, rtol=1e-5, msg=f"row {row} ({name})")
