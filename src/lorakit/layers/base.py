@@ -12,8 +12,8 @@ Bit-exact unmerge: merging computes W = round(W0 + ΔW) in the weight's dtype, w
 W0. To give them back we keep, per merged adapter, the difference in ULPs between W0 and what unmerging
 would otherwise compute, round(W - ΔW). That difference is almost always 0 or ±1, so it is stored as int8
 (1 byte per weight element: 25 % of an fp32 weight, 50 % of a bf16/fp16 one); the rare element where it
-does not fit keeps its W0 value in a short sparse list. Unmerging adds it back, so W0 returns bit for bit however
-many merge/unmerge cycles run. The memory is freed by unmerge and by ``merge_and_unload``.
+does not fit keeps its W0 value in a short sparse list. Unmerging adds it back, so W0 returns bit for bit
+however many merge/unmerge cycles run. The memory is freed by unmerge and by ``merge_and_unload``.
 """
 
 from __future__ import annotations
