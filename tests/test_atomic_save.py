@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from forking_writer import ForkingWriter
 from torch import nn
 
 import lorakit.io as lorakit_io
@@ -54,8 +51,8 @@ def version(tag):
     return model
 '''
 
-# Builds both versions once, then forks one writer per request: the writer saves A, B, A, B … into the
-# directory until it is killed. Forking keeps each trial cheap (no interpreter start, no imports).
+# Builds both versions once; each forked writer (``ForkingWriter``) saves A, B, A, B … into the directory
+# until it is killed.
 WRITER_SOURCE = MODEL_SOURCE + '''
 import os, sys, time
 torch.set_num_threads(1)
@@ -65,24 +62,12 @@ versions[0].save_pretrained(directory)
 start = time.perf_counter()
 versions[1].save_pretrained(directory + "-timing")
 print("ready", time.perf_counter() - start, flush=True)
-for line in sys.stdin:
-    command = line.split()
-    if command[0] == "fork":
-        pid = os.fork()
-        if pid == 0:
-            try:
-                i = 1
-                while True:
-                    versions[i % 2].save_pretrained(directory)
-                    i += 1
-            finally:
-                os._exit(1)
-        print(pid, flush=True)
-    elif command[0] == "reap":
-        _, status = os.waitpid(int(command[1]), 0)
-        print("reaped", status, flush=True)
-    else:
-        break
+
+def child_loop():
+    i = 1
+    while True:
+        versions[i % 2].save_pretrained(directory)
+        i += 1
 '''
 
 
@@ -102,25 +87,12 @@ def test_killed_writer_always_leaves_old_or_new_adapter(tmp_path: Path) -> None:
     directory = tmp_path / "adapter"
     namespace = _namespace()
     references = {tag: get_adapter_state_dict(namespace["version"](tag)) for tag in "AB"}  # type: ignore[operator]
-    writer = subprocess.Popen([sys.executable, "-c", WRITER_SOURCE, str(directory)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert writer.stdin is not None and writer.stdout is not None
+    writer = ForkingWriter(WRITER_SOURCE, directory)
     outcomes = {"A": 0, "B": 0, "interrupted between renames": 0, "temporaries left": 0}
     rng = random.Random(0)
     try:
-        ready = writer.stdout.readline().split()
-        assert ready and ready[0] == "ready", ready
-        save_seconds = float(ready[1])
         for _ in range(trials):
-            writer.stdin.write("fork\n")
-            writer.stdin.flush()
-            pid = int(writer.stdout.readline())
-            time.sleep(rng.uniform(0.0, 4.0 * save_seconds))
-            os.kill(pid, signal.SIGKILL)
-            writer.stdin.write(f"reap {pid}\n")
-            writer.stdin.flush()
-            assert writer.stdout.readline().startswith("reaped")  # the writer is dead before we look
-
+            writer.kill_after(rng.uniform(0.0, 4.0 * writer.seconds_per_write))  # dead before we look
             outcomes["temporaries left"] += any(p.name.endswith(".lorakit-tmp") for p in directory.iterdir())
             with warnings.catch_warnings(record=True) as record:
                 warnings.simplefilter("always", LorakitWarning)
@@ -131,9 +103,7 @@ def test_killed_writer_always_leaves_old_or_new_adapter(tmp_path: Path) -> None:
             assert len(matches) == 1, f"the directory holds neither the old nor the new adapter: {sorted(state)}"
             outcomes[matches[0]] += 1
     finally:
-        writer.stdin.write("quit\n")
-        writer.stdin.close()
-        writer.wait(timeout=60)
+        writer.close()
     print(f"\n{trials} kills: {outcomes}")
     assert outcomes["A"] + outcomes["B"] == trials
     assert outcomes["A"] > 0 and outcomes["B"] > 0  # kills landed before and after saves completed

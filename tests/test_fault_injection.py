@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_model_dir
+from forking_writer import ForkingWriter
 from safetensors.torch import load_file
 from test_atomic_save import MODEL_SOURCE
 
@@ -43,57 +44,6 @@ TRAIN_TRIALS = int(os.environ.get("LORAKIT_KILL_TRIALS", "3"))
 WRITE_TRIALS = max(30, 10 * TRAIN_TRIALS)
 SRC = Path(__file__).resolve().parents[1] / "src"
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="writers are forked, killed with SIGKILL (POSIX)")
-
-
-class ForkingWriter:
-    """A Python process that runs ``setup`` once, then per ``fork()`` forks a child running ``loop`` until it
-    is killed. Forking keeps each trial cheap: no interpreter start, no imports."""
-
-    SERVER = '''
-import os, sys
-for line in sys.stdin:
-    command = line.split()
-    if command[0] == "fork":
-        pid = os.fork()
-        if pid == 0:
-            try:
-                child_loop()
-            finally:
-                os._exit(1)
-        print(pid, flush=True)
-    elif command[0] == "reap":
-        _, status = os.waitpid(int(command[1]), 0)
-        print("reaped", status, flush=True)
-    else:
-        break
-'''
-
-    def __init__(self, setup: str, argument: Path) -> None:
-        source = setup + self.SERVER
-        self.process = subprocess.Popen([sys.executable, "-c", source, str(argument)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True,
-                                        env=dict(os.environ, PYTHONPATH=str(SRC)))
-        assert self.process.stdin is not None and self.process.stdout is not None
-        self.stdin, self.stdout = self.process.stdin, self.process.stdout
-        ready = self.stdout.readline().split()
-        assert ready and ready[0] == "ready", ready
-        self.seconds_per_write = float(ready[1])
-
-    def kill_after(self, seconds: float) -> None:
-        """Fork a writer, let it run ``seconds``, SIGKILL it and wait until it is gone."""
-        self.stdin.write("fork\n")
-        self.stdin.flush()
-        pid = int(self.stdout.readline())
-        time.sleep(seconds)
-        os.kill(pid, signal.SIGKILL)
-        self.stdin.write(f"reap {pid}\n")
-        self.stdin.flush()
-        assert self.stdout.readline().startswith("reaped")
-
-    def close(self) -> None:
-        self.stdin.write("quit\n")
-        self.stdin.close()
-        self.process.wait(timeout=60)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
