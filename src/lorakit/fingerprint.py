@@ -30,8 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .layers.base import LoraLayer
-
 FINGERPRINT_KEY = "lorakit.base_fingerprint"
 SAMPLE_KEY = "lorakit.base_sample"
 _SCHEME = "lkfp1"
@@ -112,9 +110,3 @@ def fingerprint_weights(named_weights: Iterable[tuple[str, torch.Tensor]]) -> Ba
     sample = torch.cat(samples) if samples else torch.empty(0)
     values = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
     return BaseFingerprint(structure.hexdigest()[:16], values, sample)
-
-
-def unmerged_base_weight(layer: LoraLayer) -> torch.Tensor:
-    """``layer.base_layer.weight`` with every merged adapter subtracted, bit-exactly as ``unmerge`` does it,
-    without changing the layer. Returns the weight itself (no copy) when nothing is merged."""
-    return layer.unmerged_weight()

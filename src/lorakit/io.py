@@ -52,7 +52,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .errors import LorakitWarning
-from .fingerprint import BaseFingerprint, fingerprint_weights, unmerged_base_weight
+from .fingerprint import BaseFingerprint, fingerprint_weights
 from .inject import TargetPlan, adapter_layers, iter_base_modules, plan_injection, plan_modules_to_save
 from .layers import GPT2Conv1D, LoraLayer, layer_class_for
 from .layers.modules_to_save import ModulesToSaveWrapper
@@ -498,7 +498,7 @@ class _Payload:
 def adapter_fingerprint(model: PeftModel, adapter_name: str) -> BaseFingerprint:
     """Fingerprint of the (unmerged) base weights under the modules adapter ``adapter_name`` adapts."""
     return fingerprint_weights(
-        (name, unmerged_base_weight(module))
+        (name, module.unmerged_weight())
         for name, module in model.base_model.model.named_modules()
         if isinstance(module, LoraLayer) and adapter_name in module.r
     )
@@ -748,7 +748,7 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 def _unmerged_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, LoraLayer):
-        return unmerged_base_weight(module)
+        return module.unmerged_weight()
     weight = module.weight
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{type(module).__name__}.weight is not a tensor")

@@ -204,7 +204,7 @@ class LoraLayer(nn.Module):
         layers take the fused path of ``lorakit.ops`` where it applies; a mixed batch (``batch_plan``)
         goes through ``lorakit.mixed``.
         """
-        live = self._live if self._live is not None else self.live_adapters()
+        live = self.live_adapters()
         plan = self.batch_plan
         if plan is not None and not self._disable_adapters:
             return plan.apply(self, x, self.base_layer(x, *args, **kwargs))
