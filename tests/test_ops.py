@@ -189,18 +189,51 @@ def test_siblings_save_one_copy_of_their_input() -> None:
 
 
 def test_forward_aten_ops_are_pinned() -> None:
-    """The hot path's op list: a regression (an extra copy, cast or elementwise pass) fails here."""
+    """The hot path's op lists: a regression (an extra copy, cast or elementwise pass) fails here."""
     layer = make_layer("linear", "none", 1, dropout=0.0)
     x = torch.randn(N_ROWS, T, K)
-    expected = ["view", "t", "addmm", "t", "mm", "t", "t", "addmm_", "view"]  # t: free views
-    for grad in (False, True):
+    training = ["view", "t", "addmm", "t", "mm", "t", "t", "addmm_", "view"]  # t: free views
+    inference = ["view", "t", "addmm", "t", "mm", "t", "addmm_", "view"]  # no autograd node, one view fewer
+    decode = ["view", "t", "addmm", "view", "view", "mv", "addmv_", "view"]  # one token: matrix-vector products
+    for grad, inputs, expected in ((True, x, training), (False, x, inference), (False, x[:1, :1], decode)):
         with torch.set_grad_enabled(grad), AtenOps() as recorder:
-            layer(x)
+            layer(inputs)
         assert recorder.ops == expected, (grad, recorder.ops)
-    layer.active_adapters = ["a0", "a0"]  # a second active adapter costs exactly two views, one mm and one addmm_ more
+    layer.active_adapters = ["a0", "a0"]  # a second adapter costs exactly two free views, one mm and one addmm_
     with torch.no_grad(), AtenOps() as recorder:
         layer(x)
-    assert len(recorder.ops) == len(expected) + 5
+    assert len(recorder.ops) == len(inference) + 4
+
+
+def test_skinny_products_equal_plain_matmuls() -> None:
+    """The reoriented LoRA products (ops._x_at, ops._at_b) on shapes that take their non-default forms."""
+    torch.manual_seed(0)
+    for n, k in ((512, 2048), (1024, 96), (100, 3000), (8, 8)):
+        x, a, h = torch.randn(n, k), torch.randn(8, k), torch.randn(n, 8)
+        torch.testing.assert_close(ops._x_at(x, a), x @ a.t(), atol=1e-4, rtol=1e-5)
+        for lhs in (h, h.t().contiguous().t()):  # (N, r) contiguous, or a transposed view as the forward makes
+            torch.testing.assert_close(ops._at_b(lhs, x), lhs.t() @ x, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_matches_plain_autograd_at_chunked_sizes(dropout: float) -> None:
+    """512 rows and width 2048: the row-chunked reductions, the wide x·Aᵀ and (p = 0.1) sparse dropout."""
+    torch.manual_seed(1)
+    layer = Linear(nn.Linear(2048, 96))
+    layer.update_layer("a", r=8, lora_alpha=16, lora_dropout=dropout, init_lora_weights=False, use_rslora=False)
+    layer.active_adapters = ["a"]
+    layer.base_layer.requires_grad_(False)
+    layer.train()
+    x = torch.randn(4, 128, 2048, requires_grad=True)
+    grad_out = torch.randn(4, 128, 96)
+    torch.manual_seed(3)
+    fused = layer(x)
+    assert type(fused.grad_fn.next_functions[0][0]).__name__ == "FusedLoraLinearBackward"
+    expected = reference_forward(layer, x, seed=3)
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-5)
+    got, want = grads(layer, x, fused, grad_out), grads(layer, x, expected, grad_out)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_disabled_or_merged_forward_is_the_base_forward() -> None:
@@ -241,7 +274,7 @@ def test_falls_back_under_autocast_and_hooks() -> None:
 
 def test_fused_matches_lora_output_on_1d_and_noncontiguous_inputs() -> None:
     layer = make_layer("linear", "none", 1, dropout=0.0)  # (GPT-2's Conv1D itself rejects strided x)
-    for x in (torch.randn(K), torch.randn(T, N_ROWS, K).transpose(0, 1)):
+    for x in (torch.randn(K), torch.randn(T, N_ROWS, K).transpose(0, 1), torch.randn(1, 1, K)):
         with ops.use_fused(False):
             expected = layer(x)
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)

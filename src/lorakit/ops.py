@@ -200,7 +200,7 @@ def _lora_forward(
         drop = Dropout.draw((xc.shape[0], xc.shape[1]), ps[j], seeds[j], xc.device) if ps[j] > 0 else None
         if drop is not None and drop.keep_mask is not None:
             xc = xc * drop.keep_mask
-        h = torch.mm(a, xc.t()).t()  # (N, r), computed as (A·xᵀ)ᵀ: see _SKINNY
+        h = _x_at(xc, a)  # (N, r)
         if drop is not None and drop.keep_mask is None:  # sparse: h = x·Aᵀ - D·Aᵀ
             h = h - torch.mm(drop.dropped(xc), a.t().contiguous())
         scale = scales[j] / (1.0 - ps[j])
@@ -212,11 +212,33 @@ def _lora_forward(
     return out, hs
 
 
-# _SKINNY: the LoRA matmuls have one dimension r (≈ 8). MKL's CPU kernels are several times slower for
-# some operand layouts of such skinny products than for their transposes (measured on 1024×2304 by 2304×8:
-# g·B 3.6–4.3 ms vs (Bᵀ·gᵀ)ᵀ 1.5–2.2 ms; gᵀ·h 11 ms vs (hᵀ·g)ᵀ 1.8 ms), so each product below is
-# written in the orientation that keeps the long dimension contiguous. PEFT's nn.Linear backward takes
-# the slow ones.
+# _SKINNY: the LoRA matmuls have one dimension r (≈ 8), and MKL's CPU kernels for such skinny products run
+# far below both the FLOP and the memory-bandwidth limits, with large differences between equivalent
+# formulations. Measured on this project's machine (2 threads, N = 1024 rows): x·Aᵀ for k = 768 takes
+# ~0.3 ms as (A·xᵀ)ᵀ and ~0.4 ms as written, but for k = 3072 ~1.8 ms as written and 2.1–3.1 ms transposed;
+# g·B 3.6–4.3 ms vs (Bᵀ·gᵀ)ᵀ 1.5–2.2 ms (d = 2304); the reductions gᵀ·h and g_hᵀ·x (r × d outputs) take
+# 2.6–6.4 ms as one mm and 1.2–3.5 ms as 8 row-chunk products summed (bmm), and 6.6–10.9 ms as (hᵀ·g)ᵀ.
+# Each product below is written in the fastest of these. PEFT's nn.Linear backward takes the slow ones.
+
+
+def _x_at(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x·Aᵀ, (N, k)·(k, r) → (N, r), in the orientation MKL runs faster for the width k (see _SKINNY)."""
+    return torch.mm(a, x.t()).t() if x.shape[1] < 2048 else torch.mm(x, a.t())
+
+
+_ROW_CHUNKS = 8
+
+
+def _at_b(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """aᵀ·b, (N, r)ᵀ·(N, k) → (r, k), a reduction over N rows: as a batch of _ROW_CHUNKS partial products
+    summed (see _SKINNY) when N splits evenly into chunks of at least 64 rows, else one mm."""
+    n = a.shape[0]
+    if n % _ROW_CHUNKS or n < 64 * _ROW_CHUNKS:
+        return torch.mm(a.t(), b)
+    rows = n // _ROW_CHUNKS
+    parts = torch.bmm(a.reshape(_ROW_CHUNKS, rows, a.shape[1]).transpose(1, 2),
+                      b.reshape(_ROW_CHUNKS, rows, b.shape[1]))  # (chunks, r, k)
+    return parts.sum(0)
 
 
 def _cast(cache: dict[torch.dtype, torch.Tensor], t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -285,12 +307,12 @@ class FusedLoraLinear(torch.autograd.Function):
                 xc = x2d if x2d.dtype == a.dtype else _cast(cast_x, x2d, a.dtype)
                 if drop is not None and drop.keep_mask is not None:
                     xc = xc * drop.keep_mask
-                grad_a = torch.mm(g_h.t(), xc)  # (r, k)
+                grad_a = _at_b(g_h, xc)  # (r, k)
                 if drop is not None and drop.keep_mask is None:  # sparse: ∂A = g_hᵀ·x - (Dᵀ·g_h)ᵀ
                     grad_a.sub_(torch.mm(drop.dropped_transposed(xc), g_h).t())
                 grad_a.mul_(scale)
             if need_bb:
-                grad_b_j = torch.mm(h.t(), gc).t().mul_(scale)  # (d, r) = gᵀ·h
+                grad_b_j = _at_b(h, gc).t().mul_(scale)  # (d, r) = gᵀ·h
             if need_x:
                 if drop is not None and drop.keep_mask is not None:
                     part = torch.mm(g_h, a).mul_(drop.keep_mask)
@@ -338,20 +360,54 @@ def lora_linear(
     Returns:
         y (..., d) in x's dtype.
     """
+    if not torch.is_grad_enabled() or not (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        or any(a.requires_grad or b.requires_grad for a, b, _, _ in adapters)
+    ):
+        return _lora_inference(x, weight, bias, fan_in_fan_out, adapters)
     scales = tuple(s for _, _, s, _ in adapters)
     ps = tuple(float(p) for _, _, _, p in adapters)
     factors = [t for a, b, _, _ in adapters for t in (a, b)]
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        or any(t.requires_grad for t in factors)
-    )
-    if needs_grad:
-        seeds = tuple(draw_seed() if p > 0 else None for p in ps)
-        out = FusedLoraLinear.apply(x, weight, bias, fan_in_fan_out, scales, ps, seeds, *factors)
-    else:  # inference: no autograd node, nothing saved, dropout (if any) from the global generator
-        out, _ = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, fan_in_fan_out, factors, scales,
-                               ps, (None,) * len(ps))
+    seeds = tuple(draw_seed() if p > 0 else None for p in ps)
+    out = FusedLoraLinear.apply(x, weight, bias, fan_in_fan_out, scales, ps, seeds, *factors)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _lora_inference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    fan_in_fan_out: bool,
+    adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float, float]],
+) -> torch.Tensor:
+    """``lora_linear`` without autograd: no node, nothing saved, dropout (if any) from the global generator.
+
+    At decode (a few rows) each ATen call costs more than its arithmetic, so the common case (adapters in
+    x's dtype, no dropout, few rows) takes the fewest calls: the base addmm, then x·Aᵀ and one in-place
+    addmm_ per adapter. Everything else goes through ``_lora_forward``."""
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.shape[0] > _FEW_ROWS or any(p > 0.0 or a.dtype != x.dtype for a, _, _, p in adapters):
+        out, _ = _lora_forward(x2d, weight, bias, fan_in_fan_out, [t for a, b, _, _ in adapters for t in (a, b)],
+                               [s for _, _, s, _ in adapters], [p for _, _, _, p in adapters],
+                               [None] * len(adapters))
+    else:
+        if fan_in_fan_out:
+            out = torch.mm(x2d, weight) if bias is None else torch.addmm(bias, x2d, weight)
+        else:
+            out = F.linear(x2d, weight, bias)
+        if x2d.shape[0] == 1:  # one token: matrix-vector products, B·(A·x) read row by row
+            out1d, x1d = out.view(-1), x2d.view(-1)
+            for a, b, scale, _ in adapters:
+                out1d.addmv_(b, torch.mv(a, x1d), alpha=scale)
+        else:
+            for a, b, scale, _ in adapters:
+                out.addmm_(F.linear(x2d, a), b.t(), alpha=scale)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+_FEW_ROWS = 64
+"""Up to this many rows the LoRA products are taken in the orientation with the fewest calls; above it, in
+the one MKL runs fastest (see _SKINNY)."""
 
 
 # ---------------------------------------------------------------------------------------------- mixed
