@@ -364,44 +364,33 @@ def lora_linear(
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         or any(a.requires_grad or b.requires_grad for a, b, _, _ in adapters)
     ):
-        return _lora_inference(x, weight, bias, fan_in_fan_out, adapters)
+        # Inference: no autograd node, nothing saved, dropout (if any) from the global generator. At decode (a
+        # few rows) each ATen call costs more than its arithmetic, so the common case (adapters in x's
+        # dtype, no dropout, few rows) takes the fewest calls: the base matmul, then x·Aᵀ and one in-place
+        # accumulate per adapter (matrix-vector products, B·(A·x), for a single token).
+        x2d = x.reshape(-1, x.shape[-1])
+        if x2d.shape[0] > _FEW_ROWS or any(p > 0.0 or a.dtype != x.dtype for a, _, _, p in adapters):
+            out, _ = _lora_forward(x2d, weight, bias, fan_in_fan_out, [t for a, b, _, _ in adapters for t in (a, b)],
+                                   [s for _, _, s, _ in adapters], [p for _, _, _, p in adapters],
+                                   [None] * len(adapters))
+        else:
+            if fan_in_fan_out:
+                out = torch.mm(x2d, weight) if bias is None else torch.addmm(bias, x2d, weight)
+            else:
+                out = F.linear(x2d, weight, bias)
+            if x2d.shape[0] == 1:
+                out1d, x1d = out.view(-1), x2d.view(-1)
+                for a, b, scale, _ in adapters:
+                    out1d.addmv_(b, torch.mv(a, x1d), alpha=scale)
+            else:
+                for a, b, scale, _ in adapters:
+                    out.addmm_(F.linear(x2d, a), b.t(), alpha=scale)
+        return out.view(*x.shape[:-1], out.shape[-1])
     scales = tuple(s for _, _, s, _ in adapters)
     ps = tuple(float(p) for _, _, _, p in adapters)
     factors = [t for a, b, _, _ in adapters for t in (a, b)]
     seeds = tuple(draw_seed() if p > 0 else None for p in ps)
     out = FusedLoraLinear.apply(x, weight, bias, fan_in_fan_out, scales, ps, seeds, *factors)
-    return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def _lora_inference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    fan_in_fan_out: bool,
-    adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float, float]],
-) -> torch.Tensor:
-    """``lora_linear`` without autograd: no node, nothing saved, dropout (if any) from the global generator.
-
-    At decode (a few rows) each ATen call costs more than its arithmetic, so the common case (adapters in
-    x's dtype, no dropout, few rows) takes the fewest calls: the base addmm, then x·Aᵀ and one in-place
-    addmm_ per adapter. Everything else goes through ``_lora_forward``."""
-    x2d = x.reshape(-1, x.shape[-1])
-    if x2d.shape[0] > _FEW_ROWS or any(p > 0.0 or a.dtype != x.dtype for a, _, _, p in adapters):
-        out, _ = _lora_forward(x2d, weight, bias, fan_in_fan_out, [t for a, b, _, _ in adapters for t in (a, b)],
-                               [s for _, _, s, _ in adapters], [p for _, _, _, p in adapters],
-                               [None] * len(adapters))
-    else:
-        if fan_in_fan_out:
-            out = torch.mm(x2d, weight) if bias is None else torch.addmm(bias, x2d, weight)
-        else:
-            out = F.linear(x2d, weight, bias)
-        if x2d.shape[0] == 1:  # one token: matrix-vector products, B·(A·x) read row by row
-            out1d, x1d = out.view(-1), x2d.view(-1)
-            for a, b, scale, _ in adapters:
-                out1d.addmv_(b, torch.mv(a, x1d), alpha=scale)
-        else:
-            for a, b, scale, _ in adapters:
-                out.addmm_(F.linear(x2d, a), b.t(), alpha=scale)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -70,7 +72,7 @@ class Linear(LoraLayer):
         # The hot path of every adapted layer (a decode step runs it ~50 times for ~10 µs of kernels), so
         # submodules and parameters are read from the dicts nn.Module keeps them in: each
         # nn.Module.__getattr__ is a Python call, and a layer would otherwise make about ten of them.
-        modules = self._modules
+        modules: dict[str, Any] = self._modules
         base = modules["base_layer"]
         if not (self._fusable_base and ops.fused_enabled()) or ops.has_hooks(base):
             return None
