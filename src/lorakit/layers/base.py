@@ -276,17 +276,21 @@ class LoraLayer(nn.Module):
         """(start, stop, ΔW[start:stop]) over blocks of weight rows of about ``_BLOCK_ELEMENTS`` elements.
 
         Merge and unmerge must compute ΔW bit-identically, so both take it from here (same blocks, same
-        matmul shapes)."""
+        matmul shapes). Every block is written into the same buffer: a consumer is done with one block (and
+        may overwrite it) before it asks for the next."""
         rows = weight.shape[0]
         factors = self.delta_factors(adapter_name)
         if factors is None:
             yield 0, rows, self.delta_weight(adapter_name).to(weight.device).reshape(rows, -1)
             return
-        left, right = (f.to(weight.device) for f in factors)
+        # Contiguous factors and one output buffer for every block: MKL's skinny (r = 8) product is faster
+        # on contiguous operands, and a fresh 2 MiB block per step would be fresh pages to fault in.
+        left, right = (f.to(weight.device).contiguous() for f in factors)
         step = max(1, _BLOCK_ELEMENTS // max(right.shape[1], 1))
+        buffer = left.new_empty(min(step, rows), right.shape[1])
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            yield start, stop, left[start:stop] @ right
+            yield start, stop, torch.mm(left[start:stop], right, out=buffer[: stop - start])
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={r}" for n, r in self.r.items())
@@ -331,11 +335,12 @@ def _merge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch
             if merged is None or merged.shape != w0.shape:
                 merged = torch.empty_like(w0)
             torch.add(w0, delta, out=merged)
-            estimate = delta.neg_().add_(merged)  # ΔW is not needed again: reuse its memory for E
+            estimate = torch.sub(merged, delta, out=delta)  # ΔW is not needed again: E goes in its memory
+            d = torch.sub(w0.view(int_dtype), estimate.view(int_dtype), out=estimate.view(int_dtype))
         else:  # bf16/fp16 weights, fp32 ΔW: round to the weight's dtype at each step
             merged = (w0.to(delta.dtype) + delta).to(matrix.dtype)
             estimate = (merged.to(delta.dtype) - delta).to(matrix.dtype)
-        d = w0.view(int_dtype) - estimate.view(int_dtype)
+            d = w0.view(int_dtype) - estimate.view(int_dtype)
         low, high = torch.aminmax(d)
         if low.item() < -127 or high.item() > 127:
             bad = (d < -127) | (d > 127)
@@ -359,7 +364,7 @@ def _unmerge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, tor
     for start, stop, delta in blocks:
         w = matrix[start:stop]
         if delta.dtype == matrix.dtype:
-            estimate = delta.neg_().add_(w)  # the same E as the merge computed (reusing ΔW's memory)
+            estimate = torch.sub(w, delta, out=delta)  # the same E as the merge computed (in ΔW's memory)
         else:
             estimate = (w.to(delta.dtype) - delta).to(matrix.dtype)
         torch.add(estimate.view(int_dtype), diff[start:stop], out=w.view(int_dtype))
