@@ -111,7 +111,9 @@ def run(setup: Setup, only: set[str] | None = None) -> list[Result]:
 
     if want("P4"):
         mine.merge_adapter()
-        times = interleave({"merged": forward_fn(mine, ids), "base": forward_fn(plain, ids)}, setup.pairs)
+        # The goal is a ±2 % band around 1, narrower than a shared machine's drift over a few rounds: twice
+        # the usual rounds.
+        times = interleave({"merged": forward_fn(mine, ids), "base": forward_fn(plain, ids)}, setup.pairs * 2)
         mine.unmerge_adapter()
         results.append(print_result(Result(
             "P4", f"merged fwd / base fwd (all-linear, B{setup.batch} T{setup.seq})", median(times["merged"]),
