@@ -166,6 +166,12 @@ def test_low_precision_input_with_fp32_adapters(dtype: torch.dtype, dropout: flo
     for name in want:
         assert got[name].dtype == want[name].dtype, name
         torch.testing.assert_close(got[name], want[name], **tol, msg=name)
+    if dropout == 0.0:  # the no-grad path casts the same way
+        with torch.no_grad():
+            for rows in (x[:1, :1], x):
+                inference = layer(rows)
+                assert inference.dtype == dtype
+                torch.testing.assert_close(inference, reference_forward(layer, rows, seed=5), **tol)
 
 
 def test_siblings_save_one_copy_of_their_input() -> None:
@@ -278,3 +284,19 @@ def test_fused_matches_lora_output_on_1d_and_noncontiguous_inputs() -> None:
         with ops.use_fused(False):
             expected = layer(x)
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,bias", [("linear", "none"), ("linear", "absent"), ("conv1d", "none")])
+@pytest.mark.parametrize("n_adapters", [1, 2])
+@pytest.mark.parametrize("rows", [1, 5, 100])
+def test_inference_path_matches_plain_forward(kind: str, bias: str, n_adapters: int, rows: int) -> None:
+    """No-grad forwards (one token: mv/addmv_; a few rows: F.linear/addmm_; many rows: the training
+    kernels without a node) against the plain autograd path."""
+    layer = make_layer(kind, bias, n_adapters, dropout=0.0).eval()
+    x = torch.randn(rows, 1, K)
+    with ops.use_fused(False):
+        expected = layer(x)
+    with torch.no_grad():
+        got = layer(x)
+    assert got.grad_fn is None
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
