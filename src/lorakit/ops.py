@@ -217,7 +217,8 @@ def _lora_forward(
 # formulations. Measured on this project's machine (2 threads, N = 1024 rows): x·Aᵀ for k = 768 takes
 # ~0.3 ms as (A·xᵀ)ᵀ and ~0.4 ms as written, but for k = 3072 ~1.8 ms as written and 2.1–3.1 ms transposed;
 # g·B 3.6–4.3 ms vs (Bᵀ·gᵀ)ᵀ 1.5–2.2 ms (d = 2304); the reductions gᵀ·h and g_hᵀ·x (r × d outputs) take
-# 2.6–6.4 ms as one mm and 1.2–3.5 ms as 8 row-chunk products summed (bmm), and 6.6–10.9 ms as (hᵀ·g)ᵀ.
+# 2.6–6.4 ms as one mm (hᵀ·g)ᵀ, 1.2–3.5 ms as 8 row-chunk products summed (bmm), and 6.6–10.9 ms when
+# gᵀ·h is taken directly as a (d, r) product.
 # Each product below is written in the fastest of these. PEFT's nn.Linear backward takes the slow ones.
 
 
@@ -341,6 +342,11 @@ class FusedLoraLinear(torch.autograd.Function):
         return (grad_x, grad_w, grad_b, None, None, None, None, *grad_factors)
 
 
+_FEW_ROWS = 64
+"""Up to this many rows the LoRA products are taken in the orientation with the fewest calls; above it, in
+the one MKL runs fastest (see _SKINNY)."""
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -392,11 +398,6 @@ def lora_linear(
     seeds = tuple(draw_seed() if p > 0 else None for p in ps)
     out = FusedLoraLinear.apply(x, weight, bias, fan_in_fan_out, scales, ps, seeds, *factors)
     return out.view(*x.shape[:-1], out.shape[-1])
-
-
-_FEW_ROWS = 64
-"""Up to this many rows the LoRA products are taken in the orientation with the fewest calls; above it, in
-the one MKL runs fastest (see _SKINNY)."""
 
 
 # ---------------------------------------------------------------------------------------------- mixed
