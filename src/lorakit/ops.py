@@ -366,32 +366,38 @@ def lora_linear(
     Returns:
         y (..., d) in x's dtype.
     """
-    if not torch.is_grad_enabled() or not (
+    needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         or any(a.requires_grad or b.requires_grad for a, b, _, _ in adapters)
-    ):
-        # Inference: no autograd node, nothing saved, dropout (if any) from the global generator. At decode (a
-        # few rows) each ATen call costs more than its arithmetic, so the common case (adapters in x's
-        # dtype, no dropout, few rows) takes the fewest calls: the base matmul, then x·Aᵀ and one in-place
-        # accumulate per adapter (matrix-vector products, B·(A·x), for a single token).
+    )
+    if not needs_grad and x.numel() <= _FEW_ROWS * x.shape[-1] and all(
+            p == 0.0 and a.dtype == x.dtype for a, _, _, p in adapters):
+        # A few rows at inference (decode), adapters in x's dtype, no dropout: each ATen call costs more than
+        # its arithmetic here, so the fewest calls — the base matmul, then x·Aᵀ and one in-place accumulate
+        # per adapter (matrix-vector products, B·(A·x), for a single token).
         x2d = x.reshape(-1, x.shape[-1])
-        if x2d.shape[0] > _FEW_ROWS or any(p > 0.0 or a.dtype != x.dtype for a, _, _, p in adapters):
-            out, _ = _lora_forward(x2d, weight, bias, fan_in_fan_out, [t for a, b, _, _ in adapters for t in (a, b)],
-                                   [s for _, _, s, _ in adapters], [p for _, _, _, p in adapters],
-                                   [None] * len(adapters))
+        if fan_in_fan_out:
+            out = torch.mm(x2d, weight) if bias is None else torch.addmm(bias, x2d, weight)
         else:
-            if fan_in_fan_out:
-                out = torch.mm(x2d, weight) if bias is None else torch.addmm(bias, x2d, weight)
-            else:
-                out = F.linear(x2d, weight, bias)
-            if x2d.shape[0] == 1:
-                out1d, x1d = out.view(-1), x2d.view(-1)
-                for a, b, scale, _ in adapters:
-                    out1d.addmv_(b, torch.mv(a, x1d), alpha=scale)
-            else:
-                for a, b, scale, _ in adapters:
-                    out.addmm_(F.linear(x2d, a), b.t(), alpha=scale)
+            out = F.linear(x2d, weight, bias)
+        if x2d.shape[0] == 1:
+            out1d, x1d = out.view(-1), x2d.view(-1)
+            for a, b, scale, _ in adapters:
+                out1d.addmv_(b, torch.mv(a, x1d), alpha=scale)
+        else:
+            for a, b, scale, _ in adapters:
+                out.addmm_(F.linear(x2d, a), b.t(), alpha=scale)
         return out.view(*x.shape[:-1], out.shape[-1])
+    scales = tuple(s for _, _, s, _ in adapters)
+    ps = tuple(float(p) for _, _, _, p in adapters)
+    factors = [t for a, b, _, _ in adapters for t in (a, b)]
+    if needs_grad:
+        seeds = tuple(draw_seed() if p > 0 else None for p in ps)
+        out = FusedLoraLinear.apply(x, weight, bias, fan_in_fan_out, scales, ps, seeds, *factors)
+    else:  # inference: no autograd node, nothing saved, dropout (if any) from the global generator
+        out, _ = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, fan_in_fan_out, factors, scales, ps,
+                               (None,) * len(ps))
+    return out.view(*x.shape[:-1], out.shape[-1])
     scales = tuple(s for _, _, s, _ in adapters)
     ps = tuple(float(p) for _, _, _, p in adapters)
     factors = [t for a, b, _, _ in adapters for t in (a, b)]
@@ -439,7 +445,7 @@ def segmented_lora_linear(
     h = torch.bmm(xs, a_stack[lo:hi].transpose(1, 2))  # (G, c·T, r)
     delta = torch.bmm(h, bt_stack[lo:hi]).reshape(n, -1, d)  # (N, T, d), rows in slot order
     out = result.view(n, -1, d)
-    if not torch.is_grad_enabled() and result.dtype == delta.dtype and result.is_contiguous():
+    if _can_add_in_place(result, delta):
         out.index_add_(0, perm, delta)
         return result
     return out.index_add(0, perm, delta.to(result.dtype)).view(result.shape)
@@ -461,8 +467,13 @@ def gathered_lora_embedding(
     return _add_batched(result, h, bt_stack.index_select(0, rows), n, d)
 
 
+def _can_add_in_place(result: torch.Tensor, delta: torch.Tensor) -> bool:
+    """Whether the LoRA term may be added into the base output's memory: no graph to keep, same dtype."""
+    return not torch.is_grad_enabled() and result.dtype == delta.dtype and result.is_contiguous()
+
+
 def _add_batched(result: torch.Tensor, h: torch.Tensor, bt_rows: torch.Tensor, n: int, d: int) -> torch.Tensor:
-    if (not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous()):
+    if _can_add_in_place(result, h):
         result.view(n, -1, d).baddbmm_(h, bt_rows)
         return result
     return result + torch.bmm(h, bt_rows).view(result.shape).to(result.dtype)
