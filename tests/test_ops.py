@@ -131,6 +131,20 @@ def test_dropped_positions_form_a_bernoulli_process() -> None:
         assert int(counts.min()) > 400
 
 
+def test_sparse_dropout_gives_dropped_inputs_exactly_zero_lora_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With W0 = 0, ∂x is the LoRA term alone: exactly 0 where the mask dropped x, non-zero elsewhere."""
+    monkeypatch.setattr(ops, "SPARSE_DROPOUT_MIN_NUMEL", 0)
+    layer = make_layer("linear", "absent", 1, dropout=0.3)
+    nn.init.zeros_(layer.base_layer.weight)
+    x = torch.randn(N_ROWS, T, K, requires_grad=True)
+    torch.manual_seed(11)
+    layer(x).backward(torch.randn(N_ROWS, T, D))
+    torch.manual_seed(11)
+    keep = ops.dropout_mask(x.detach().reshape(-1, K), 0.3, ops.draw_seed()).view_as(x)
+    assert x.grad is not None and not bool(keep.all())
+    assert bool((x.grad[~keep] == 0).all()) and bool((x.grad[keep] != 0).all())
+
+
 def test_base_weight_gradient_when_unfrozen(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ops, "SPARSE_DROPOUT_MIN_NUMEL", 0)
     for kind in ("linear", "conv1d"):

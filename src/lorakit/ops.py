@@ -18,8 +18,9 @@ a mask per adapter (REFERENCE.md's cost model).
 
 Dropout without (N, k) passes (``Dropout``): for p ≤ 0.25 (and N·k ≥ 65536) the dropped elements (about p·N·k of them) are
 drawn directly as a Bernoulli process (geometric gaps) and x restricted to them is a sparse CSR matrix D:
-h = x·Aᵀ - D·Aᵀ, ∂A = g_hᵀ·x - (Dᵀ·g_h)ᵀ, and ∂x's LoRA term is g_h·A minus its values at the dropped
-positions (``torch.sparse.sampled_addmm``). A dense mask would cost a Bernoulli draw, a multiply and a
+h = x·Aᵀ - D·Aᵀ, ∂A = g_hᵀ·x - (Dᵀ·g_h)ᵀ, and ∂x's LoRA term g_h·A is zeroed at the dropped positions
+(``index_fill_``; a second adapter's term, added to the first, has its values there subtracted with
+``torch.sparse.sampled_addmm``). A dense mask would cost a Bernoulli draw, a multiply and a
 masked accumulate over all of (N, k), twice; larger p uses that dense mask.
 
 Mixed batches (``gathered_lora_linear``, ``gathered_lora_embedding``): with every adapter of a layer
@@ -134,15 +135,18 @@ class Dropout(NamedTuple):
 
     def dropped(self, x2d: torch.Tensor) -> torch.Tensor:
         """D: x's dropped elements as a sparse CSR (N, k) matrix."""
-        values = x2d.reshape(-1).index_select(0, self.flat)
+        values = torch.take(x2d, self.flat)  # measured 1.3–2.6× faster than index_select on a flat view
         return _csr(self.crow, self.cols, values, (x2d.shape[0], x2d.shape[1]))
 
-    def dropped_transposed(self, x2d: torch.Tensor) -> torch.Tensor:
-        """Dᵀ as a sparse CSR (k, N) matrix (a stable sort of the columns)."""
-        cols, order = torch.sort(self.cols, stable=True)
-        ccol = torch.searchsorted(cols, torch.arange(x2d.shape[1] + 1, device=cols.device))
-        values = x2d.reshape(-1).index_select(0, self.flat.index_select(0, order))
-        return _csr(ccol, self.rows.index_select(0, order), values, (x2d.shape[1], x2d.shape[0]))
+    def transposed(self, d: torch.Tensor) -> torch.Tensor:
+        """Dᵀ as a sparse CSR (k, N) matrix, from D (``dropped``): D's values reordered by a stable sort of
+        the columns, done on the narrowest integer type that holds them (int16 sorts ~2.7× faster than
+        int64), so x is not read again."""
+        n, k = d.shape
+        narrow = torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32
+        cols, order = torch.sort(self.cols.to(narrow), stable=True)
+        ccol = torch.searchsorted(cols, torch.arange(k + 1, dtype=narrow, device=cols.device)).to(self.rows.dtype)
+        return _csr(ccol, self.rows.index_select(0, order), d.values().index_select(0, order), (k, n))
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -303,14 +307,15 @@ class FusedLoraLinear(torch.autograd.Function):
             if ps[j] > 0 and (need_a or need_x):
                 drop = Dropout.draw(shape, ps[j], seeds[j], x.device)  # the forward's draw, again
                 g_h = g_h.contiguous()
+            sparse = drop if drop is not None and drop.keep_mask is None else None  # the sparse draw
             grad_a = grad_b_j = None
             if need_a:
                 xc = x2d if x2d.dtype == a.dtype else _cast(cast_x, x2d, a.dtype)
                 if drop is not None and drop.keep_mask is not None:
                     xc = xc * drop.keep_mask
                 grad_a = _at_b(g_h, xc)  # (r, k)
-                if drop is not None and drop.keep_mask is None:  # sparse: ∂A = g_hᵀ·x - (Dᵀ·g_h)ᵀ
-                    grad_a.sub_(torch.mm(drop.dropped_transposed(xc), g_h).t())
+                if sparse is not None:  # ∂A = g_hᵀ·x - (Dᵀ·g_h)ᵀ
+                    grad_a.sub_(torch.mm(sparse.transposed(sparse.dropped(xc)), g_h).t())
                 grad_a.mul_(scale)
             if need_bb:
                 grad_b_j = _at_b(h, gc).t().mul_(scale)  # (d, r) = gᵀ·h
@@ -318,15 +323,16 @@ class FusedLoraLinear(torch.autograd.Function):
                 if drop is not None and drop.keep_mask is not None:
                     part = torch.mm(g_h, a).mul_(drop.keep_mask)
                     lora_grad_x = part.mul_(scale) if lora_grad_x is None else lora_grad_x.add_(part, alpha=scale)
+                elif lora_grad_x is None:  # written by this skinny product, so the base GEMM can accumulate
+                    lora_grad_x = torch.addmm(g_h.new_empty(shape), g_h, a, beta=0, alpha=scale)
+                    if sparse is not None:  # it holds only this adapter's term: its dropped elements are 0
+                        lora_grad_x.view(-1).index_fill_(0, sparse.flat, 0.0)
                 else:
-                    if lora_grad_x is None:  # written by this skinny product, so the base GEMM can accumulate
-                        lora_grad_x = torch.addmm(g_h.new_empty(shape), g_h, a, beta=0, alpha=scale)
-                    else:
-                        lora_grad_x.addmm_(g_h, a, alpha=scale)
-                    if drop is not None and drop.keep_mask is None:  # zero the dropped elements' share
-                        pattern = drop.dropped(x2d if x2d.dtype == a.dtype else _cast(cast_x, x2d, a.dtype))
+                    lora_grad_x.addmm_(g_h, a, alpha=scale)
+                    if sparse is not None:  # subtract this term at its dropped elements (D: the pattern)
+                        pattern = sparse.dropped(x2d if x2d.dtype == a.dtype else _cast(cast_x, x2d, a.dtype))
                         at_dropped = torch.sparse.sampled_addmm(pattern, g_h, a, beta=0.0).values()
-                        lora_grad_x.view(-1).index_add_(0, drop.flat, at_dropped, alpha=-scale)
+                        lora_grad_x.view(-1).index_add_(0, sparse.flat, at_dropped, alpha=-scale)
             grad_factors += [grad_a, grad_b_j]
 
         grad_x = None
