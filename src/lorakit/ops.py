@@ -404,12 +404,6 @@ def lora_linear(
         out, _ = _lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, fan_in_fan_out, factors, scales, ps,
                                (None,) * len(ps))
     return out.view(*x.shape[:-1], out.shape[-1])
-    scales = tuple(s for _, _, s, _ in adapters)
-    ps = tuple(float(p) for _, _, _, p in adapters)
-    factors = [t for a, b, _, _ in adapters for t in (a, b)]
-    seeds = tuple(draw_seed() if p > 0 else None for p in ps)
-    out = FusedLoraLinear.apply(x, weight, bias, fan_in_fan_out, scales, ps, seeds, *factors)
-    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------- mixed
