@@ -8,12 +8,14 @@ P3: eval-mode forward of the model with an unmerged all-linear r=8 adapter again
     with the ATen op counts of one forward.
 P4: the same after ``merge_adapter()``: the base forward exactly (the wrapper adds Python calls only).
 P8: ``merge_adapter()`` of every adapted layer (all-linear r=8), timed, then ``unmerge_adapter()``
-    untimed, against one plain forward at B1 T128.
+    untimed, against one plain forward at B1 T128; ``merge_and_unload()`` (one-way: no unmerge record) as
+    a companion.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable
 
@@ -133,6 +135,12 @@ def run(setup: Setup, only: set[str] | None = None) -> list[Result]:
         if theirs is not None:
             note(f"PEFT merge / forward = {median_ratio(times, 'peft', 'forward'):.3f} "
                  "(PEFT's unmerge subtracts ΔW again: not bit-exact)")
+        # merge_and_unload keeps no unmerge record: a fresh copy of the unmerged model for every sample.
+        fresh = [copy.deepcopy(mine)]
+        unload = {"unload": lambda: fresh[0].merge_and_unload(), "forward": forward_fn(plain, one_row)}
+        times = interleave(unload, setup.pairs, after={"unload": lambda: fresh.__setitem__(0, copy.deepcopy(mine))},
+                           min_sample_s=0.0)
+        note(f"merge_and_unload (no unmerge record) / forward = {median_ratio(times, 'unload', 'forward'):.3f}")
     return results
 
 

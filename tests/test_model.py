@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_gpt2, make_llama, randomize_lora
@@ -208,6 +210,29 @@ def test_bit_exact_unmerge_100_cycles(dtype: torch.dtype) -> None:
     peft.merge_adapter()
     assert not torch.equal(peft.state_dict()[next(k for k in before if k.endswith("c_attn.base_layer.weight"))],
                            before[next(k for k in before if k.endswith("c_attn.base_layer.weight"))])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_and_unload_weights_equal_reversible_merge(dtype: torch.dtype) -> None:
+    """merge_and_unload skips the unmerge record but writes bit-identical weights; without the record a
+    layer refuses to unmerge instead of restoring something wrong."""
+    model = make_gpt2(n_embd=64).to(dtype)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_fc", "wte"], init_lora_weights=False)
+    reversible, one_way = get_peft_model(copy.deepcopy(model), config), get_peft_model(model, config)
+    randomize_lora(reversible, std=0.3)
+    one_way.load_state_dict(reversible.state_dict())
+    reversible.merge_adapter()
+    merged = {k.replace("base_model.model.", "").replace("base_layer.", ""): v
+              for k, v in reversible.state_dict().items() if "lora_" not in k}
+    layer = next(m for m in one_way.modules() if isinstance(m, LoraLayer))
+    plain = one_way.merge_and_unload()
+    assert merged.keys() == plain.state_dict().keys()
+    assert all(torch.equal(merged[k], v) for k, v in plain.state_dict().items())
+    assert not torch.equal(merged["transformer.h.0.attn.c_attn.weight"], original["transformer.h.0.attn.c_attn.weight"])
+    assert layer.merged_adapters == ["default"]
+    with pytest.raises(RuntimeError, match="merge_adapter"):
+        layer.unmerge()
 
 
 def test_seed_example_with_hf_trainer(tmp_path) -> None:

@@ -299,7 +299,7 @@ def replace_with_base(model: nn.Module, merge: bool) -> nn.Module:
     for name, module in wrapped:
         if isinstance(module, LoraLayer):
             if merge:
-                module.merge()
+                module.merge(for_unload=True)
             module._unmerge_residual.clear()
             set_submodule(model, name, module.base_layer)
         else:

@@ -226,11 +226,13 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
-    def merge(self, adapter_names: list[str] | None = None) -> None:
+    def merge(self, adapter_names: list[str] | None = None, *, for_unload: bool = False) -> None:
         """Add s·B·A into the base weight for each adapter (default: the active ones); idempotent.
 
         The weight is updated in place, one block of rows at a time (ΔW, W0 + ΔW and the ULP residual of a
         block stay in cache instead of making ~10 passes over the whole weight in memory).
+        ``for_unload`` (``merge_and_unload``): the layer is about to be discarded, so no unmerge record is
+        kept (the merged weight is bit-identical; the record's passes are skipped) and unmerge is refused.
         """
         for name in adapter_names if adapter_names is not None else self.active_adapters:
             if name in self.merged_adapters or name not in self.r:
@@ -238,7 +240,10 @@ class LoraLayer(nn.Module):
             weight = self.base_layer.weight
             data = weight.data if weight.data.is_contiguous() else weight.data.contiguous()
             matrix = data.view(data.shape[0], -1)
-            self._unmerge_residual[name] = _merge_in_place(matrix, self._delta_blocks(name, matrix))
+            if for_unload:
+                _merge_in_place_without_record(matrix, self._delta_blocks(name, matrix))
+            else:
+                self._unmerge_residual[name] = _merge_in_place(matrix, self._delta_blocks(name, matrix))
             if data is not weight.data:
                 weight.data = data
             self.merged_adapters.append(name)
@@ -247,6 +252,7 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract every merged adapter again (last merged first), restoring W0 bit for bit."""
+        self._require_unmerge_records()
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             self._live = None
@@ -261,11 +267,18 @@ class LoraLayer(nn.Module):
         weight = self.base_layer.weight.detach()
         if not self.merged_adapters:
             return weight
+        self._require_unmerge_records()
         weight = weight.clone(memory_format=torch.contiguous_format)
         for name in reversed(self.merged_adapters):
             _unmerge_in_place(weight.view(weight.shape[0], -1), self._delta_blocks(name, weight),
                               self._unmerge_residual[name])
         return weight
+
+    def _require_unmerge_records(self) -> None:
+        missing = [name for name in self.merged_adapters if name not in self._unmerge_residual]
+        if missing:
+            raise RuntimeError(f"adapter(s) {missing} were merged by merge_and_unload, which keeps no record to "
+                               "unmerge them; use merge_adapter() for a reversible merge.")
 
     def delta_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(L, R) with ΔW = L·R laid out like the base weight viewed (rows, -1); None where ΔW has no such
@@ -354,6 +367,16 @@ def _merge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch
     return UlpResidual(diff,
                        torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=device),
                        torch.cat(value) if value else matrix.new_empty(0))
+
+
+def _merge_in_place_without_record(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]]) -> None:
+    """matrix ← round(matrix + ΔW), the same W′ as ``_merge_in_place`` computes, without the unmerge record."""
+    for start, stop, delta in blocks:
+        w0 = matrix[start:stop]
+        if delta.dtype == matrix.dtype:
+            w0.add_(delta)
+        else:  # bf16/fp16 weight, fp32 ΔW: the sum in fp32, rounded once, as the recording merge does
+            w0.copy_(w0.to(delta.dtype).add_(delta))
 
 
 def _unmerge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]],
