@@ -53,7 +53,7 @@ class Setup:
     def describe(self) -> str:
         return (f"{'quick' if self.quick else 'full'}: GPT-2 {self.n_layer} layers d={self.n_embd} vocab={self.vocab}, "
                 f"B{self.batch} T{self.seq}, r={self.r} α={self.alpha}, {self.threads} thread(s), "
-                f"{self.clock} clock, median of {self.pairs} interleaved rounds")
+                f"{self.clock} clock, median of {self.pairs} interleaved rounds (P1, P3 prefill 3×; P4 2×; P3 decode 4×)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

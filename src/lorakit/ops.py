@@ -98,9 +98,9 @@ class Dropout(NamedTuple):
 
     Sparse form (p ≤ SPARSE_DROPOUT_MAX_P, large inputs): the dropped elements' flat indices, rows and columns, in
     row-major order, plus the CSR row pointer, so that "x restricted to the dropped elements" is a sparse
-    CSR matrix D and every dropout term becomes a sparse product: h = x·Aᵀ - D·Aᵀ, ∂A = g_hᵀ·x - g_hᵀ·D,
-    ∂x = (g_h·A) minus its values at the dropped positions (a sampled matmul). O(p·N·k) work, where a
-    dense mask costs several full passes over (N, k). Dense form: the boolean keep-mask.
+    CSR matrix D and every dropout term becomes a sparse one: h = x·Aᵀ - D·Aᵀ, ∂A = g_hᵀ·x - g_hᵀ·D,
+    ∂x = g_h·A with the dropped positions zeroed. O(p·N·k) work, where a dense mask costs several full
+    passes over (N, k). Dense form: the boolean keep-mask.
     """
 
     flat: torch.Tensor  # (K,) sorted flat indices i·k + j of the dropped elements (empty in dense form)
