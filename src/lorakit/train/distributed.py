@@ -273,8 +273,13 @@ class Runtime:
         return skeleton
 
     def close(self) -> None:
-        """Leave the process group (after the last collective of the run)."""
+        """Leave the process group (after the last collective of the run).
+
+        All ranks meet at a barrier first: rank 0 still writes the adapter and the summary after the last
+        collective, and a rank tearing its gloo connections down while a peer is mid-way through its own
+        teardown was seen to abort (SIGABRT, "terminate called without an active exception") in CI."""
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
