@@ -344,14 +344,13 @@ def _merge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch
     merged: torch.Tensor | None = None
     for start, stop, delta in blocks:
         w0 = matrix[start:stop]
-        if delta.dtype == matrix.dtype:  # fp32 (fp64) weights: no casts, one buffer reused by every block
-            if merged is None or merged.shape != w0.shape:
-                merged = torch.empty_like(w0)
-            torch.add(w0, delta, out=merged)
+        if merged is None or merged.shape != w0.shape:  # one buffer reused by every block
+            merged = torch.empty_like(w0)
+        _rounded_sum(w0, delta, out=merged)
+        if delta.dtype == matrix.dtype:  # fp32 (fp64) weights: no casts
             estimate = torch.sub(merged, delta, out=delta)  # ΔW is not needed again: E goes in its memory
             d = torch.sub(w0.view(int_dtype), estimate.view(int_dtype), out=estimate.view(int_dtype))
         else:  # bf16/fp16 weights, fp32 ΔW: round to the weight's dtype at each step
-            merged = (w0.to(delta.dtype) + delta).to(matrix.dtype)
             estimate = (merged.to(delta.dtype) - delta).to(matrix.dtype)
             d = w0.view(int_dtype) - estimate.view(int_dtype)
         low, high = torch.aminmax(d)
@@ -369,14 +368,19 @@ def _merge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch
                        torch.cat(value) if value else matrix.new_empty(0))
 
 
+def _rounded_sum(w0: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out ← W′ = round(W0 + ΔW) in the weight's dtype (out may be w0 itself). The one formula for W′, so
+    both merges write bit-identical weights; a bf16/fp16 weight is summed with the fp32 ΔW in fp32, rounded once."""
+    if delta.dtype == w0.dtype:
+        return torch.add(w0, delta, out=out)
+    return out.copy_(w0.to(delta.dtype).add_(delta))
+
+
 def _merge_in_place_without_record(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]]) -> None:
-    """matrix ← round(matrix + ΔW), the same W′ as ``_merge_in_place`` computes, without the unmerge record."""
+    """matrix ← round(matrix + ΔW), as ``_merge_in_place`` computes it, without the unmerge record."""
     for start, stop, delta in blocks:
         w0 = matrix[start:stop]
-        if delta.dtype == matrix.dtype:
-            w0.add_(delta)
-        else:  # bf16/fp16 weight, fp32 ΔW: the sum in fp32, rounded once, as the recording merge does
-            w0.copy_(w0.to(delta.dtype).add_(delta))
+        _rounded_sum(w0, delta, out=w0)
 
 
 def _unmerge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]],
