@@ -122,8 +122,8 @@ def test_several_named_adapters_in_one_directory(tmp_path: Path) -> None:
         _train_like(peft)
     peft.save_pretrained(tmp_path)
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                          "second", "third"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json",
+                                                          "adapter_model.safetensors", "second", "third"]
     for sub in ("second", "third"):
         assert sorted(p.name for p in (tmp_path / sub).iterdir()) == ["adapter_config.json",
                                                                       "adapter_model.safetensors"]
@@ -146,7 +146,7 @@ def test_selected_adapters_saves_only_those(tmp_path: Path) -> None:
     peft = get_peft_model(make_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]))
     peft.add_adapter("other", LoraConfig(r=2, target_modules=["c_proj"]))
     peft.save_pretrained(tmp_path, selected_adapters=["other"])
-    assert [p.name for p in tmp_path.iterdir()] == ["other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "other"]  # the card sits at the root
     with pytest.raises(ValueError, match=r"selected_adapters \['nope'\].*'default', 'other'"):
         peft.save_pretrained(tmp_path / "x", selected_adapters=["nope"])
     assert not (tmp_path / "x").exists()
@@ -241,12 +241,13 @@ def test_raw_weights_pair_round_trip(tmp_path: Path) -> None:
         save_adapter_weights({"a": [1.0]}, tmp_path / "x.safetensors")  # type: ignore[dict-item]
 
 
-def test_legacy_bin_needs_opt_in_and_is_read_weights_only(tmp_path: Path) -> None:
+def test_legacy_bin_is_read_weights_only(tmp_path: Path) -> None:
     peft, fresh, inputs = _trained("gpt2")
     peft.save_pretrained(tmp_path, safe_serialization=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.bin"]
-    with pytest.raises(FileNotFoundError, match="use_safetensors=False"):
-        PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.bin"]
+    with pytest.warns(LorakitWarning, match=r"no adapter_model\.safetensors; reading the legacy adapter_model\.bin"):
+        fallback = PeftModel.from_pretrained(copy.deepcopy(fresh), tmp_path)  # PEFT's fallback, with a warning
+    assert torch.equal(_logits(fallback, inputs), _logits(peft, inputs))
     loaded = PeftModel.from_pretrained(fresh, tmp_path, use_safetensors=False)
     assert torch.equal(_logits(loaded, inputs), _logits(peft, inputs))
     # Saving as safetensors again removes the stale .bin, so the two formats never disagree.
@@ -471,8 +472,6 @@ BAD_FILES: dict[str, tuple[Callable[[Path], Any], type[Exception], list[str]]] =
                                           "truncated or corrupt"]),
     "corrupt_data": (_flip_a_data_byte, ValueError, [r"adapter_model\.safetensors is corrupt"]),
     "weights_link_outside": (_link_weights_outside, ValueError, [r"adapter_model\.safetensors is a symbolic link"]),
-    "bin_only": (lambda d: (d / "adapter_model.safetensors").rename(d / "adapter_model.bin"), FileNotFoundError,
-                 [r"only a legacy adapter_model\.bin.*use_safetensors=False"]),
 }
 
 

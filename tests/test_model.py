@@ -256,7 +256,7 @@ def test_seed_example_with_hf_trainer(tmp_path) -> None:
     b = model.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight
     assert torch.count_nonzero(b) > 0  # the Trainer really trained the adapter
     model.save_pretrained(str(tmp_path / "adapter"))
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
                                                                       "adapter_model.safetensors"]
 
 

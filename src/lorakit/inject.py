@@ -6,18 +6,22 @@ replacements (raising ``ValueError`` naming the bad value and the fix), then ``i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import LoraConfig, TaskType
 from .errors import LorakitWarning
 from .layers import SUPPORTED_LAYER_TYPES, LoraLayer, is_gpt2_conv1d, layer_class_for
 from .layers.modules_to_save import ModulesToSaveWrapper
+from .target_defaults import default_target_modules, model_type
 
 ALL_LINEAR = "all-linear"
 ADAPTER_CONTAINERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout")
@@ -86,8 +90,12 @@ def _output_head(model: nn.Module) -> nn.Module | None:
         return None
 
 
-def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[TargetPlan]:
+def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str,
+                   check_pattern_keys: bool = True) -> list[TargetPlan]:
     """Resolve ``config`` against ``model`` into the list of modules to adapt, validating everything.
+
+    ``check_pattern_keys=False`` skips the error for rank/alpha pattern keys that match no targeted module
+    (a config PEFT wrote may hold such keys; the loader drops them with ``drop_unmatched_pattern_keys``).
 
     Raises:
         ValueError: nothing matched (the message lists adaptable names), a matched module has a type
@@ -133,13 +141,11 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             + (f" (with layers_to_transform={config.layers_to_transform!r})" if config.layers_to_transform else "")
             + f"; modules that could be adapted: {', '.join(adaptable_module_names(model)) or 'none'}."
         )
-    for field_name, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
-        for key in pattern:
-            if not any(pattern_key_matches(p.name, key) for p in plans):
-                raise ValueError(
-                    f"{field_name} key {key!r} matches no targeted module; targeted: "
-                    f"{', '.join(p.name for p in plans[:8])}{' …' if len(plans) > 8 else ''}."
-                )
+    for field_name, key in unmatched_pattern_keys(config, plans) if check_pattern_keys else ():
+        raise ValueError(
+            f"{field_name} key {key!r} matches no targeted module; targeted: "
+            f"{', '.join(p.name for p in plans[:8])}{' …' if len(plans) > 8 else ''}."
+        )
     for p in plans:
         if config.init_lora_weights in ("pissa", "olora"):
             kind = layer_class_for(p.module.base_layer if isinstance(p.module, LoraLayer) else p.module)
@@ -160,6 +166,57 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
                 stacklevel=3,
             )
     return plans
+
+
+def unmatched_pattern_keys(config: LoraConfig, plans: list[TargetPlan]) -> list[tuple[str, str]]:
+    """(field, key) of every ``rank_pattern``/``alpha_pattern`` key that matches none of ``plans``."""
+    return [(field_name, key)
+            for field_name, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern))
+            for key in pattern if not any(pattern_key_matches(p.name, key) for p in plans)]
+
+
+def drop_unmatched_pattern_keys(config: LoraConfig, plans: list[TargetPlan]) -> tuple[LoraConfig, list[str]]:
+    """``config`` without the pattern keys that match none of ``plans`` (they change nothing: PEFT ignores
+    them), and those keys as ``"rank_pattern['k']"`` strings for a message."""
+    unmatched = unmatched_pattern_keys(config, plans)
+    if not unmatched:
+        return config, []
+    dropped = {(f, k) for f, k in unmatched}
+    config = dataclasses.replace(
+        config,
+        rank_pattern={k: v for k, v in config.rank_pattern.items() if ("rank_pattern", k) not in dropped},
+        alpha_pattern={k: v for k, v in config.alpha_pattern.items() if ("alpha_pattern", k) not in dropped},
+    )
+    return config, [f"{f}[{k!r}]" for f, k in unmatched]
+
+
+def with_default_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """PEFT's rule for ``target_modules=None``: the architecture's default targets (``lorakit.target_defaults``),
+    said once with a LorakitWarning. Returns a new config holding them, so they are also what gets saved.
+
+    Raises:
+        ValueError: the architecture has no default; the message names ``target_modules`` (as PEFT's does).
+    """
+    if config.target_modules is not None:
+        return config
+    targets = default_target_modules(model)
+    warnings.warn(
+        f"target_modules=None: using PEFT's default targets for model_type {model_type(model)!r}: {targets}. "
+        "Pass target_modules explicitly to choose others (and to silence this).",
+        LorakitWarning,
+        stacklevel=4,
+    )
+    return dataclasses.replace(config, target_modules=targets)
+
+
+def bias_conflict(configs: dict[str, LoraConfig], new: LoraConfig) -> str | None:
+    """The existing adapter that already trains base biases (``bias`` != "none") if ``new`` would too.
+
+    The biases of the base model are shared by every adapter, so two adapters training them would train
+    and save the same tensors (PEFT refuses this as well: "supports only 1 adapter with bias")."""
+    if new.bias == "none":
+        return None
+    return next((name for name, c in configs.items() if c.bias != "none"), None)
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -219,6 +276,21 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     _structure_version += 1
 
 
+_UNINITIALISED = contextvars.ContextVar("lorakit_uninitialised_factors", default=False)
+
+
+@contextlib.contextmanager
+def uninitialised_factors() -> Iterator[None]:
+    """Inside this block ``inject_adapter`` creates LoRA factors on the meta device and then allocates them,
+    uninitialised, on their base weight's device: no initialisation runs and no random number is drawn.
+    For loading only, where the file's values overwrite the factors at once (PEFT's ``low_cpu_mem_usage``)."""
+    token = _UNINITIALISED.set(True)
+    try:
+        yield
+    finally:
+        _UNINITIALISED.reset(token)
+
+
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     """Add adapter ``adapter_name`` to every module ``config`` targets; returns the adapted names.
 
@@ -237,8 +309,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
                 layer = kind(p.module)
                 created.append((p.name, p.module))
                 set_submodule(model, p.name, layer)
-            layer.update_layer(adapter_name, p.r, p.lora_alpha, config.lora_dropout, config.init_lora_weights,
-                               config.use_rslora)
+            with torch.device("meta") if _UNINITIALISED.get() else contextlib.nullcontext():
+                layer.update_layer(adapter_name, p.r, p.lora_alpha, config.lora_dropout, config.init_lora_weights,
+                                   config.use_rslora)
         for name, module in saves:
             wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
             if wrapper is not module:
@@ -289,17 +362,23 @@ def mark_trainable(model: nn.Module, active: list[str], bias: str, trainable: bo
                 param.requires_grad_(True)
 
 
-def replace_with_base(model: nn.Module, merge: bool) -> nn.Module:
-    """Put every wrapped module's base back (merging active adapters first if ``merge``); returns model.
+def replace_with_base(model: nn.Module, merge: bool, adapter_names: list[str] | None = None,
+                      progressbar: bool = False) -> nn.Module:
+    """Put every wrapped module's base back (merging ``adapter_names``, default the active adapters, first
+    if ``merge``); returns model. ``progressbar``: show a tqdm bar over the layers (PEFT's option).
 
-    A modules_to_save wrapper is replaced by the active adapter's trained copy when merging, by the
-    original module otherwise.
+    A modules_to_save wrapper is replaced by the active adapter's trained copy when merging (as PEFT does,
+    whatever ``adapter_names`` says), by the original module otherwise.
     """
     wrapped = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSaveWrapper))]
+    if progressbar:
+        from tqdm import tqdm  # optional (lorakit[train]); only asked for with progressbar=True
+
+        wrapped = tqdm(wrapped, desc="Unloading " + ("and merging " if merge else "") + "model")
     for name, module in wrapped:
         if isinstance(module, LoraLayer):
             if merge:
-                module.merge(for_unload=True)
+                module.merge(adapter_names, for_unload=True)
             module._unmerge_residual.clear()
             set_submodule(model, name, module.base_layer)
         else:

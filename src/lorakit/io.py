@@ -53,7 +53,14 @@ from torch import nn
 from .config import LoraConfig
 from .errors import LorakitWarning
 from .fingerprint import BaseFingerprint, fingerprint_weights
-from .inject import TargetPlan, adapter_layers, iter_base_modules, plan_injection, plan_modules_to_save
+from .inject import (
+    TargetPlan,
+    adapter_layers,
+    drop_unmatched_pattern_keys,
+    iter_base_modules,
+    plan_injection,
+    plan_modules_to_save,
+)
 from .layers import GPT2Conv1D, LoraLayer, layer_class_for
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .model import validate_adapter_name
@@ -448,10 +455,12 @@ def _weights_path(root: Path, use_safetensors: bool) -> Path:
     if safetensors_path.exists():
         return safetensors_path
     if bin_path.exists():
-        if use_safetensors:
-            raise FileNotFoundError(
-                f"{safetensors_path} not found; the directory holds only a legacy {BIN_NAME}. Pass "
-                "use_safetensors=False to read it with torch.load(weights_only=True), or convert it."
+        if use_safetensors:  # PEFT's fallback: no safetensors file, so the legacy file is read (weights only)
+            warnings.warn(
+                f"{root} has no {SAFETENSORS_NAME}; reading the legacy {BIN_NAME} with "
+                "torch.load(weights_only=True) (no code runs). Re-save with safe_serialization=True to convert it.",
+                LorakitWarning,
+                stacklevel=5,
             )
         return bin_path
     raise FileNotFoundError(f"{safetensors_path} not found: the adapter's weights are missing from {root}.")
@@ -877,11 +886,18 @@ def plan_load(model: nn.Module, files: AdapterFiles, adapter_name: str, is_train
     inject_config = dataclasses.replace(config, init_lora_weights=True, fan_in_fan_out=None,
                                         modules_to_save=present or None)
     try:
-        targets = plan_injection(model, inject_config, adapter_name)
+        targets = plan_injection(model, inject_config, adapter_name, check_pattern_keys=False)
         saves = plan_modules_to_save(model, inject_config)
     except ValueError as exc:
         raise ValueError(f"{files.config_path} does not fit this model: {exc} Is this the base model the "
                          "adapter was trained on?") from None
+    inject_config, dropped = drop_unmatched_pattern_keys(inject_config, targets)
+    if dropped:  # PEFT ignores such keys when it loads; a config written through LoraConfig still refuses them
+        config = dataclasses.replace(config, rank_pattern=inject_config.rank_pattern,
+                                     alpha_pattern=inject_config.alpha_pattern)
+        warnings.warn(f"{files.config_path}: ignoring {', '.join(dropped)}: no targeted module matches "
+                      f"{'it' if len(dropped) == 1 else 'them'} (PEFT ignores such keys too).",
+                      LorakitWarning, stacklevel=4)
     stored = BaseFingerprint.from_metadata(files.metadata, str(files.weights_path))
     if stored is not None and not allow_base_mismatch:
         current = fingerprint_weights((p.name, _unmerged_weight(p.module)) for p in targets)
@@ -939,18 +955,31 @@ def _copy_into(model: PeftModel, plan: LoadPlan) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- load
+def _on_device(files: AdapterFiles, device: torch.device | None) -> AdapterFiles:
+    """``files`` with its tensors moved to ``device`` (PEFT's ``torch_device``); unchanged for None."""
+    if device is None:
+        return files
+    return dataclasses.replace(files, tensors={k: v.to(device) for k, v in files.tensors.items()})
+
+
 PeftModelT = TypeVar("PeftModelT", bound="PeftModel")
 
 
 def from_pretrained(cls: type[PeftModelT], model: nn.Module, model_id: str | os.PathLike[str],
                     adapter_name: str = "default", is_trainable: bool = False, allow_base_mismatch: bool = False,
-                    use_safetensors: bool = True) -> PeftModelT:
-    """See ``PeftModel.from_pretrained``."""
+                    use_safetensors: bool = True, config: LoraConfig | None = None,
+                    torch_device: torch.device | None = None) -> PeftModelT:
+    """See ``PeftModel.from_pretrained``; ``config`` replaces the directory's adapter_config.json, and the
+    file's tensors are read onto ``torch_device`` (default: the CPU)."""
     validate_adapter_name(adapter_name)
     if isinstance(model, cls) or any(True for _ in adapter_layers(model)):
         raise ValueError("the model already holds LoRA adapters; call load_adapter(model_id, adapter_name) on "
                          "its PeftModel instead.")
-    files = read_adapter(model_id, use_safetensors)
+    if config is not None and not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakit LoraConfig, got {type(config).__name__}.")
+    files = _on_device(read_adapter(model_id, use_safetensors), torch_device)
+    if config is not None:
+        files = dataclasses.replace(files, config=config)
     plan = plan_load(model, files, adapter_name, is_trainable, allow_base_mismatch)
     peft = cls(model, plan.inject_config, adapter_name)
     try:
@@ -963,13 +992,14 @@ def from_pretrained(cls: type[PeftModelT], model: nn.Module, model_id: str | os.
 
 
 def load_adapter(model: PeftModel, model_id: str | os.PathLike[str], adapter_name: str,
-                 is_trainable: bool = False, allow_base_mismatch: bool = False, use_safetensors: bool = True) -> None:
+                 is_trainable: bool = False, allow_base_mismatch: bool = False, use_safetensors: bool = True,
+                 torch_device: torch.device | None = None) -> None:
     """See ``PeftModel.load_adapter``."""
     validate_adapter_name(adapter_name)
     if adapter_name in model.peft_config:
         raise ValueError(f"an adapter named {adapter_name!r} already exists; load under another name or "
                          "delete_adapter() it first.")
-    files = read_adapter(model_id, use_safetensors)
+    files = _on_device(read_adapter(model_id, use_safetensors), torch_device)
     plan = plan_load(model.base_model.model, files, adapter_name, is_trainable, allow_base_mismatch)
     model.add_adapter(adapter_name, plan.inject_config)
     try:

@@ -17,18 +17,22 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from .config import LoraConfig
 from .inject import (
     adapter_layers,
+    bias_conflict,
     inject_adapter,
     mark_trainable,
     replace_with_base,
     structure_version,
+    uninitialised_factors,
+    with_default_targets,
     with_task_heads,
 )
 from .layers.base import BASE_ROW, LoraLayer
-from .layers.modules_to_save import ModulesToSaveWrapper
+from .layers.modules_to_save import ModulesToSaveWrapper, NotATensorOutputError
 from .mixed import BatchPlan
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
@@ -45,11 +49,63 @@ def validate_adapter_name(name: object) -> str:
 
 
 class LoraModel(nn.Module):
-    """Holds the adapted model as ``.model`` (the middle of the ``base_model.model.`` key prefix)."""
+    """Holds the adapted model as ``.model`` (the middle of the ``base_model.model.`` key prefix).
 
-    def __init__(self, model: nn.Module) -> None:
+    PEFT users also drive adapters through it (``model.base_model.set_adapter(["a", "b"])`` is PEFT's idiom
+    for several active adapters); those calls go to the owning ``PeftModel``, which keeps the state.
+    """
+
+    prefix = "lora_"
+    """What every adapter parameter's name contains (PEFT's ``LoraModel.prefix``)."""
+
+    def __init__(self, model: nn.Module, owner: PeftModel) -> None:
         super().__init__()
         self.model = model
+        # A plain attribute, not a submodule: registering the owner would make modules() cycle.
+        self.__dict__["_owner"] = owner
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        return self._owner.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name, or the list of names when several (or none) are active (PEFT's rule)."""
+        active = self._owner.active_adapters
+        return active[0] if len(active) == 1 else active
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self._owner.active_adapters
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """See ``PeftModel.set_adapter`` (which also takes a list)."""
+        self._owner.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def disable_adapter_layers(self) -> None:
+        self._owner.disable_adapter_layers()
+
+    def enable_adapter_layers(self) -> None:
+        self._owner.enable_adapter_layers()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        self._owner.set_requires_grad(adapter_names, requires_grad)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._owner.merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self._owner.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        return self._owner.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self._owner.unload()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._owner.delete_adapter(adapter_name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
@@ -66,9 +122,13 @@ class PeftModel(nn.Module):
 
     Build one with ``get_peft_model(model, config)``. Only the active adapters' factors (plus
     ``modules_to_save`` copies and biases per ``config.bias``) require grad; everything else is frozen.
+
+    ``autocast_adapter_dtype`` (PEFT's option): True keeps the factors of a float16/bfloat16 base layer in
+    float32 (stable training); False stores them in the base layer's dtype.
     """
 
-    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True) -> None:
         super().__init__()
         validate_adapter_name(adapter_name)
         if isinstance(model, PeftModel) or any(True for _ in adapter_layers(model)):
@@ -76,11 +136,15 @@ class PeftModel(nn.Module):
                 "the model already holds LoRA adapters; call add_adapter(name, config) on its PeftModel "
                 "instead of wrapping it again."
             )
+        _check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
+        peft_config = with_default_targets(model, peft_config)  # target_modules=None: PEFT's defaults
         peft_config = with_task_heads(peft_config)  # SEQ_CLS: the classification head is saved too (PEFT)
         inject_adapter(model, peft_config, adapter_name)  # validates first: on error the model is unchanged
-        self.base_model = LoraModel(model)
+        self.base_model = LoraModel(model, self)
         self.peft_config: dict[str, LoraConfig] = {adapter_name: peft_config}
         self._active: list[str] = []
+        if not autocast_adapter_dtype:
+            self._cast_to_base_dtype(adapter_name)
         self.set_adapter(adapter_name)
         # HF Trainer keeps only the dataset columns named in forward's signature: expose the base
         # model's parameters (plus adapter_names) instead of (*args, **kwargs).
@@ -109,6 +173,9 @@ class PeftModel(nn.Module):
             layer.batch_plan = plan
         try:
             yield
+        except NotATensorOutputError as exc:  # name the module by its path, which only the model knows
+            path = next((n for n, m in self.base_model.model.named_modules() if m is exc.wrapper), "?")
+            raise TypeError(f"modules_to_save module {path!r}: {exc}") from None
         finally:
             for layer in layers:
                 layer.batch_plan = None
@@ -164,8 +231,28 @@ class PeftModel(nn.Module):
 
     @property
     def active_adapter(self) -> str:
-        """The active adapter's name (the first one when several are active)."""
+        """The active adapter's name (the first one when several are active).
+
+        Raises:
+            ValueError: no adapter is active (the last one was deleted).
+        """
+        if not self._active:
+            raise ValueError("no adapter is active (the model has none left); add_adapter() or load_adapter() one.")
         return self._active[0]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """True when some adapter is active and adapters are not disabled (``disable_adapter()`` or
+        ``disable_adapter_layers()``), i.e. the forward differs from the base model's."""
+        return bool(self._active) and not any(layer.disable_adapters for layer in self._adapter_layers())
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """Names in any adapter's ``modules_to_save`` (PEFT's attribute), None when there are none."""
+        names: set[str] = set()
+        for config in self.peft_config.values():
+            names.update(config.modules_to_save or [])
+        return names or None
 
     @property
     def merged_adapters(self) -> list[str]:
@@ -191,38 +278,125 @@ class PeftModel(nn.Module):
         if name not in self.peft_config:
             raise ValueError(f"no adapter named {name!r}; this model has {sorted(self.peft_config)}.")
 
-    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
-        """Add a new adapter (inactive until ``set_adapter``). Fails, changing nothing, if the name exists."""
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter, inactive and frozen until ``set_adapter`` (or ``set_requires_grad``); every other
+        ``requires_grad`` flag is left as it is (PEFT 0.21's rule). Fails, changing nothing, if the name
+        exists or if the new adapter would train base biases that another adapter already trains."""
         validate_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"an adapter named {adapter_name!r} already exists; choose another name or "
                              "delete_adapter() it first.")
         if not isinstance(peft_config, LoraConfig):
             raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}.")
+        _check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
+        other = bias_conflict(self.peft_config, peft_config)
+        if other is not None:
+            raise ValueError(
+                f"adapter {other!r} already trains the base model's biases (bias={self.peft_config[other].bias!r}); "
+                f"only one adapter may use bias='all'/'lora_only', since both would train and save the same "
+                f"tensors. Use bias='none' for {adapter_name!r}."
+            )
+        peft_config = with_default_targets(self.base_model.model, peft_config)
         peft_config = with_task_heads(peft_config)
         inject_adapter(self.base_model.model, peft_config, adapter_name)
         self.peft_config[adapter_name] = peft_config
-        self._apply_active(self._active)
+        if not autocast_adapter_dtype:
+            self._cast_to_base_dtype(adapter_name)
+        for param in self._adapter_parameters([adapter_name]):
+            param.requires_grad_(False)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make these adapters the active ones (their outputs add up); only they are trainable."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make these adapters the active ones (their outputs add up); only they are trainable, unless
+        ``inference_mode=True`` (or their config's inference_mode) freezes them too.
+
+        Raises:
+            ValueError: an unknown name; other adapters are merged; or two of the adapters keep their own
+                copy of the same ``modules_to_save`` module (only one copy can run; nothing changes).
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._require_adapter(name)
+        _check_flag("inference_mode", inference_mode)
         if self.merged_adapters and set(names) != set(self.merged_adapters):
             raise ValueError(
                 f"adapters {self.merged_adapters} are merged into the base weights; call unmerge_adapter() "
                 f"before activating {names}."
             )
-        self._apply_active(names)
+        for path, module in self.base_model.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                sharing = [n for n in names if n in module.modules_to_save]
+                if len(sharing) > 1:
+                    raise ValueError(
+                        f"adapters {sharing} each keep their own trained copy of {path!r} (modules_to_save), and "
+                        "only one copy can run, so they cannot be active together. Activate one of them, or "
+                        "run each on its own rows of a mixed batch (adapter_names=[...])."
+                    )
+        self._apply_active(names, inference_mode)
 
-    def _apply_active(self, names: list[str]) -> None:
+    def _apply_active(self, names: list[str], inference_mode: bool = False) -> None:
         self._active = list(names)
         for layer in self._adapter_layers():
             layer.active_adapters = [n for n in names if n in layer.adapter_names]
-        trainable = not any(self.peft_config[n].inference_mode for n in names)
+        trainable = not inference_mode and not any(self.peft_config[n].inference_mode for n in names)
         bias = self.peft_config[names[0]].bias if names else "none"
         mark_trainable(self.base_model.model, names, bias, trainable=trainable)
+
+    def _adapter_parameters(self, names: list[str]) -> list[nn.Parameter]:
+        """The parameters that belong to adapters ``names``: LoRA factors and modules_to_save copies."""
+        params: list[nn.Parameter] = []
+        for layer in self._adapter_layers():
+            if isinstance(layer, ModulesToSaveWrapper):
+                params.extend(p for n in names if n in layer.modules_to_save
+                              for p in layer.modules_to_save[n].parameters())
+                continue
+            for attr in layer.adapter_param_names:
+                container = getattr(layer, attr)
+                for n in names:
+                    if n in container:
+                        item = container[n]
+                        params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return params
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients of these adapters' parameters (factors, modules_to_save copies) on or off, active
+        or not; nothing else changes (PEFT's ``set_requires_grad``)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._require_adapter(name)
+        _check_flag("requires_grad", requires_grad)
+        for param in self._adapter_parameters(names):
+            param.requires_grad_(requires_grad)
+
+    def _cast_to_base_dtype(self, adapter_name: str) -> None:
+        """``autocast_adapter_dtype=False``: store the adapter's factors in their base layer's dtype where
+        that is float16/bfloat16 (lorakit otherwise keeps them in float32, as PEFT's default does)."""
+        for layer in self._lora_layers():
+            dtype = layer.base_layer.weight.dtype
+            if adapter_name not in layer.r or dtype not in (torch.float16, torch.bfloat16):
+                continue
+            for attr in layer.adapter_param_names:
+                item = getattr(layer, attr)[adapter_name]
+                for param in item.parameters() if isinstance(item, nn.Module) else [item]:
+                    param.data = param.data.to(dtype)
+
+    def disable_adapter_layers(self) -> None:
+        """Disable every adapter in place until ``enable_adapter_layers()``: the model computes the base
+        output, and (as in PEFT) no adapter parameter requires grad meanwhile."""
+        if self.merged_adapters:
+            raise ValueError(f"adapters {self.merged_adapters} are merged into the base weights, so disabling "
+                             "the layers would not remove them; call unmerge_adapter() first.")
+        for layer in self._adapter_layers():
+            layer.disable_adapters = True
+        for param in self._adapter_parameters(list(self.peft_config)):
+            param.requires_grad_(False)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo ``disable_adapter_layers()``: the active adapters run again and (unless in inference mode)
+        their parameters require grad, as PEFT does."""
+        for layer in self._adapter_layers():
+            layer.disable_adapters = False
+        if self._active and not any(self.peft_config[n].inference_mode for n in self._active):
+            self.set_requires_grad(self._active, True)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. Refused while it is merged (its ΔW would silently stay in the base)."""
@@ -232,12 +406,12 @@ class PeftModel(nn.Module):
                 f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() before "
                 "deleting it, or its update would stay in the model with nothing left to remove it."
             )
-        if len(self.peft_config) == 1:
-            raise ValueError(f"{adapter_name!r} is the only adapter; use unload() to get the base model back.")
         for layer in self._adapter_layers():
             layer.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
-        remaining = [n for n in self._active if n != adapter_name] or [next(iter(self.peft_config))]
+        # The last adapter may go too (as in PEFT): the layers stay, with nothing to add, so the model
+        # computes the base model's output until another adapter is added.
+        remaining = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
         self._apply_active(remaining)
 
     def add_weighted_adapter(
@@ -263,6 +437,7 @@ class PeftModel(nn.Module):
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model inside this block; the prior state returns on exit, even after an exception.
 
+        Inside, no adapter parameter requires grad (as in PEFT); on exit every flag is what it was before.
         Merged adapters are unmerged on entry and merged again on exit (bit-exact both ways).
         """
         merged = self.merged_adapters
@@ -270,13 +445,19 @@ class PeftModel(nn.Module):
             self.unmerge_adapter()
         layers = self._adapter_layers()
         previous = [layer.disable_adapters for layer in layers]
+        params = self._adapter_parameters(list(self.peft_config))
+        flags = [param.requires_grad for param in params]
         for layer in layers:
             layer.disable_adapters = True
+        for param in params:
+            param.requires_grad_(False)
         try:
             yield
         finally:
             for layer, state in zip(layers, previous, strict=True):
                 layer.disable_adapters = state
+            for param, flag in zip(params, flags, strict=True):
+                param.requires_grad_(flag)
             if merged:
                 self.merge_adapter(merged)
 
@@ -301,13 +482,31 @@ class PeftModel(nn.Module):
             safe_serialization: safetensors (default) or a legacy pickle ``adapter_model.bin``.
             verify: read the files back and compare them with what was meant to be written.
 
+        Also writes a ``README.md`` model card (base model, ``library_name: peft``, tags) as PEFT does; a
+        README.md the user wrote is kept (see ``lorakit.model_card``).
+
         Raises:
             ValueError: unknown adapter, or a target path that is a file or a symbolic link.
             OSError: writing failed, or ``verify`` found the files differ.
         """
         from .io import save_pretrained
+        from .model_card import write_model_card
 
         save_pretrained(self, save_directory, selected_adapters, safe_serialization, verify)
+        names = [selected_adapters] if isinstance(selected_adapters, str) else selected_adapters
+        write_model_card(self, save_directory, names)  # README.md, unless the user's own card is there
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Not available: lorakit never contacts a model hub (it runs offline).
+
+        Raises:
+            RuntimeError: always; use ``save_pretrained(directory)`` and upload that directory yourself.
+        """
+        raise RuntimeError(
+            "push_to_hub is not available: lorakit never contacts a model hub. Call "
+            "save_pretrained(directory) and upload that directory (README.md, adapter_config.json, "
+            "adapter_model.safetensors) with your own tools, e.g. `huggingface-cli upload`."
+        )
 
     @classmethod
     def from_pretrained(
@@ -318,6 +517,11 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         allow_base_mismatch: bool = False,
         use_safetensors: bool = True,
+        *,
+        config: LoraConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        torch_device: str | torch.device | None = None,
+        low_cpu_mem_usage: bool = False,
     ) -> PeftModel:
         """Wrap ``model`` with the adapter saved in directory ``model_id`` (by lorakit or by PEFT).
 
@@ -328,19 +532,34 @@ class PeftModel(nn.Module):
             model: the base model the adapter was trained on (no adapters yet).
             model_id: the adapter's directory (``save_directory/<name>`` for a non-default adapter).
             adapter_name: the name it gets in this model.
-            is_trainable: False (default) loads it frozen, in inference mode.
+            is_trainable: False (default) loads it frozen and puts the model in eval mode (dropout off), as
+                PEFT does; True leaves the training mode alone and the adapter trainable.
             allow_base_mismatch: load even if the stored base fingerprint differs from ``model``'s.
-            use_safetensors: if False, a legacy ``adapter_model.bin`` may be read (weights only).
+            use_safetensors: if False, a legacy ``adapter_model.bin`` is read (weights only) even when a
+                safetensors file is there; with True it is read (with a warning) only when none is.
+            config: use this config instead of the directory's adapter_config.json (PEFT's ``config=``).
+            autocast_adapter_dtype: False stores the factors in a float16/bfloat16 base layer's dtype.
+            torch_device: the device the file's tensors are read onto before they are copied into the
+                adapter, which (as in PEFT) lives on its base layer's device; None: the CPU.
+            low_cpu_mem_usage: create the adapter's factors without initialising them (no random draws),
+                since the file's values replace them (PEFT creates them on the meta device).
 
         Raises:
             FileNotFoundError: missing directory, config or weights.
             ValueError: malformed or unsupported config, corrupt weights, missing/unexpected keys, shape
-                mismatches, a different base model, an invalid adapter name.
+                mismatches, a different base model, an invalid adapter name or torch_device.
         """
         from .io import from_pretrained
 
-        return from_pretrained(cls, model, model_id, adapter_name, is_trainable, allow_base_mismatch,
-                               use_safetensors)
+        device = _check_load_options(autocast_adapter_dtype, torch_device, low_cpu_mem_usage)
+        with uninitialised_factors() if low_cpu_mem_usage else contextlib.nullcontext():
+            peft = from_pretrained(cls, model, model_id, adapter_name, is_trainable, allow_base_mismatch,
+                                   use_safetensors, config=config, torch_device=device)
+        if not autocast_adapter_dtype:
+            peft._cast_to_base_dtype(adapter_name)
+        if not is_trainable:
+            peft.eval()  # as PEFT: an adapter loaded for inference runs without dropout
+        return peft
 
     def load_adapter(
         self,
@@ -349,36 +568,99 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         allow_base_mismatch: bool = False,
         use_safetensors: bool = True,
-    ) -> None:
+        *,
+        autocast_adapter_dtype: bool = True,
+        torch_device: str | torch.device | None = None,
+        low_cpu_mem_usage: bool = False,
+    ) -> _IncompatibleKeys:
         """Add the adapter saved in ``model_id`` as ``adapter_name`` (inactive until ``set_adapter``).
 
-        Same checks and errors as ``from_pretrained``; on error the model is unchanged.
+        The new adapter's parameters require grad iff ``is_trainable``, active or not; every other
+        ``requires_grad`` flag, and the model's training mode, stay as they were. Same checks, options and
+        errors as ``from_pretrained``; on error the model is unchanged.
+
+        Returns:
+            PEFT's ``(missing_keys, unexpected_keys)`` of the adapter; lorakit refuses a file with either, so
+            both are empty lists.
         """
         from .io import load_adapter
 
-        load_adapter(self, model_id, adapter_name, is_trainable, allow_base_mismatch, use_safetensors)
+        device = _check_load_options(autocast_adapter_dtype, torch_device, low_cpu_mem_usage)
+        with uninitialised_factors() if low_cpu_mem_usage else contextlib.nullcontext():
+            load_adapter(self, model_id, adapter_name, is_trainable, allow_base_mismatch, use_safetensors,
+                         torch_device=device)
+        if not autocast_adapter_dtype:
+            self._cast_to_base_dtype(adapter_name)
+        if is_trainable:
+            self.set_requires_grad(adapter_name, True)
+        return _IncompatibleKeys([], [])
 
     # ------------------------------------------------------------------ merge
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """W ← W + s·B·A for each adapter (default: the active ones) in every layer; idempotent.
 
         While merged, forward costs exactly the base forward. ``unmerge_adapter`` restores W0 bit-exactly
         (see ``lorakit.layers.base`` for the mechanism and its memory cost: 1 byte per merged weight element).
+
+        ``safe_merge=True`` first computes every merged weight into a copy and refuses (ValueError, weights
+        bit-identical) if any would hold NaN or infinity.
         """
         names = self._active if adapter_names is None else list(adapter_names)
         for name in names:
             self._require_adapter(name)
+        _check_flag("safe_merge", safe_merge)
+        if safe_merge:
+            self._check_merge_is_finite(names)
         for layer in self._lora_layers():
             layer.merge([n for n in names if n in layer.r])
+
+    def _check_merge_is_finite(self, names: list[str]) -> None:
+        """Raise, before any weight changes, if merging ``names`` would put NaN/inf in some layer's weight.
+
+        Each layer's W′ = round(round(W0 + ΔW_1) + ΔW_2 …) is computed in a copy, in the weight's dtype, as
+        the merge rounds it (so a float16 weight that would overflow 65504 is caught too)."""
+        for path, layer in self.base_model.model.named_modules():
+            if not isinstance(layer, LoraLayer):
+                continue
+            todo = [n for n in names if n in layer.r and n not in layer.merged_adapters]
+            if not todo:
+                continue
+            weight = layer.base_layer.weight.detach()
+            merged = weight.clone()
+            with torch.no_grad():
+                for name in todo:
+                    delta = layer.delta_weight(name).to(weight.device).reshape(weight.shape)
+                    merged = (merged.to(delta.dtype) + delta).to(weight.dtype)
+            if not bool(torch.isfinite(merged).all()):
+                raise ValueError(
+                    f"safe_merge: merging adapter(s) {todo} into {path!r} would give NaN or infinity in its "
+                    "weight; nothing was merged. Check the adapter's factors (or keep it unmerged)."
+                )
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights, restoring W0 bit for bit."""
         for layer in self._lora_layers():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters and return the plain base model with no lorakit module left."""
-        return replace_with_base(self.base_model.model, merge=True)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge ``adapter_names`` (default: the active adapters) and return the plain base model with no
+        lorakit module left (a modules_to_save module becomes the active adapter's copy, as in PEFT).
+
+        Args:
+            progressbar: show a tqdm progress bar over the layers.
+            safe_merge: check first that no merged weight would hold NaN/inf (ValueError, nothing changed).
+            adapter_names: which adapters to merge.
+        """
+        names = self._active if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._require_adapter(name)
+        _check_flag("safe_merge", safe_merge)
+        _check_flag("progressbar", progressbar)
+        if safe_merge:
+            self._check_merge_is_finite(names)
+        return replace_with_base(self.base_model.model, merge=True, adapter_names=adapter_names,
+                                 progressbar=progressbar)
 
     def unload(self) -> nn.Module:
         """Return the plain base model, weights untouched (merged adapters are unmerged first)."""
@@ -394,13 +676,17 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", *,
+                   autocast_adapter_dtype: bool = True) -> PeftModel:
     """Wrap ``model`` with a LoRA adapter per ``peft_config`` (PEFT's entry point, same arguments).
 
     Args:
         model: any ``nn.Module``; the targeted modules are replaced in place by LoRA layers.
-        peft_config: which modules and how (see ``LoraConfig``).
+        peft_config: which modules and how (see ``LoraConfig``); ``target_modules=None`` takes PEFT's
+            defaults for the architecture (``lorakit.target_defaults``), with a LorakitWarning saying so.
         adapter_name: name of this first adapter.
+        autocast_adapter_dtype: True (default) keeps factors of float16/bfloat16 layers in float32; False
+            stores them in the layer's dtype.
 
     Raises:
         ValueError / TypeError: bad config or targets; the model is left exactly as it was.
@@ -408,7 +694,28 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if not isinstance(peft_config, LoraConfig):
         raise TypeError(f"peft_config must be a lorakit LoraConfig, got {type(peft_config).__name__}; "
                         "build it with lorakit.LoraConfig(...).")
-    return PeftModel(model, peft_config, adapter_name)
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} is invalid: use True or False.")
+
+
+def _check_load_options(autocast_adapter_dtype: object, torch_device: object, low_cpu_mem_usage: object
+                        ) -> torch.device | None:
+    """Validate from_pretrained/load_adapter's PEFT options before anything is read; the device or None."""
+    _check_flag("autocast_adapter_dtype", autocast_adapter_dtype)
+    _check_flag("low_cpu_mem_usage", low_cpu_mem_usage)
+    if torch_device is None:
+        return None
+    if not isinstance(torch_device, (str, torch.device)):
+        raise TypeError(f"torch_device={torch_device!r} is invalid: use a device such as 'cpu' or 'cuda:0'.")
+    try:
+        return torch.device(torch_device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"torch_device={torch_device!r} is not a device ({exc}); use e.g. 'cpu' or 'cuda:0'.") from None
+
 
 
 def _signature_with_adapter_names(forward: Any) -> inspect.Signature:

@@ -132,6 +132,10 @@ class LoraLayer(nn.Module):
         for attr in self.adapter_param_names:
             container = getattr(self, attr)
             item = container[adapter_name]
+            created_on_meta = any(t.is_meta for t in (item.parameters() if isinstance(item, nn.Module) else [item]))
+            if created_on_meta and not weight.is_meta:  # lorakit.inject.uninitialised_factors: allocate only
+                item = item.to_empty(device=weight.device) if isinstance(item, nn.Module) else torch.empty_like(
+                    item, device=weight.device)
             if isinstance(item, nn.Module):
                 item.to(device=weight.device, dtype=dtype)  # Module.to also handles the meta device
             else:

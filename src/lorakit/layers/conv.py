@@ -21,6 +21,16 @@ class Conv(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
+    @property
+    def in_features(self) -> int:
+        """Input channels (PEFT's ``in_features`` for a convolution)."""
+        return int(self.base_layer.in_channels)
+
+    @property
+    def out_features(self) -> int:
+        """Output channels (PEFT's ``out_features`` for a convolution)."""
+        return int(self.base_layer.out_channels)
+
     def _create_factors(self, adapter_name: str, r: int) -> None:
         base = self.base_layer
         conv_cls = type(base)

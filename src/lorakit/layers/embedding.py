@@ -24,6 +24,16 @@ class Embedding(LoraLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
+    @property
+    def in_features(self) -> int:
+        """The vocabulary size (PEFT's ``in_features`` for an embedding)."""
+        return int(self.base_layer.num_embeddings)
+
+    @property
+    def out_features(self) -> int:
+        """The embedding dimension (PEFT's ``out_features`` for an embedding)."""
+        return int(self.base_layer.embedding_dim)
+
     def _create_factors(self, adapter_name: str, r: int) -> None:
         vocab, dim = self.base_layer.weight.shape
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, vocab))

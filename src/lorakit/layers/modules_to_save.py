@@ -17,6 +17,19 @@ if TYPE_CHECKING:
     from ..mixed import BatchPlan
 
 
+class NotATensorOutputError(TypeError):
+    """A modules_to_save module returned something other than a tensor inside a mixed batch, whose rows
+    must be split between adapters; ``wrapper`` is the wrapper (the model turns it into a module path)."""
+
+    def __init__(self, wrapper: ModulesToSaveWrapper, output: object) -> None:
+        self.wrapper = wrapper
+        super().__init__(
+            f"{type(wrapper.original_module).__name__} returns a {type(output).__name__}, not a tensor, so a "
+            "mixed batch (adapter_names=...) cannot give each row its adapter's copy; run one adapter per "
+            "batch (set_adapter) for this model, or drop the module from modules_to_save."
+        )
+
+
 class ModulesToSaveWrapper(nn.Module):
     """Holds ``original_module`` and per-adapter copies ``modules_to_save[name]``."""
 
@@ -52,6 +65,8 @@ class ModulesToSaveWrapper(nn.Module):
         if plan is None or self.disable_adapters:
             return self.active_module()(x, *args, **kwargs)
         result = self.original_module(x, *args, **kwargs)
+        if not isinstance(result, torch.Tensor):  # e.g. nn.GRU's (output, h_n): rows cannot be spliced
+            raise NotATensorOutputError(self, result)
         for name, rows in plan.groups.items():
             if name in self.modules_to_save:
                 rows = rows.to(x.device)
