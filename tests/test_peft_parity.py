@@ -684,3 +684,25 @@ def test_difference_active_adapter_when_none_is_left() -> None:
     with pytest.raises(ValueError, match="no adapter is active"):
         _ = ours.active_adapter
     assert ours.base_model.active_adapter == []
+
+
+def test_difference_disable_adapter_layers_refused_while_merged() -> None:
+    """PEFT lets disable_adapter_layers() run on merged weights (the output is then not the base's); lorakit
+    refuses, changing nothing."""
+    ours = get_peft_model(make_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    ours.merge_adapter()
+    before, flags = _state(ours), _flags(ours)
+    with pytest.raises(ValueError, match=r"merged into the base weights.*unmerge_adapter\(\) first"):
+        ours.disable_adapter_layers()
+    _assert_same_state(_state(ours), before)
+    assert _flags(ours) == flags and ours.has_active_enabled_adapter
+
+
+def test_copies_keep_their_own_adapter_state() -> None:
+    """model.base_model drives its own PeftModel: a deepcopy's inner model drives the copy, not the original."""
+    ours = get_peft_model(make_gpt2(), LoraConfig(r=4, target_modules=["c_attn"]))
+    ours.add_adapter("b", LoraConfig(r=2, target_modules=["c_proj"]))
+    twin = copy.deepcopy(ours)
+    twin.base_model.set_adapter("b")
+    assert twin.active_adapters == ["b"] and ours.active_adapters == ["default"]
+    assert twin.base_model.peft_config is twin.peft_config

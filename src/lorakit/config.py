@@ -61,7 +61,8 @@ class LoraConfig:
     lora_dropout: float = 0.0
     """Dropout probability applied to the LoRA branch's input, in [0, 1)."""
     target_modules: list[str] | str | None = None
-    """Which modules to adapt (see the class docstring). Required unless given via ``rank_pattern``."""
+    """Which modules to adapt (see the class docstring). None: PEFT's defaults for the model's architecture
+    (``lorakit.target_defaults``, e.g. llama → q_proj, v_proj), chosen by ``get_peft_model``."""
     exclude_modules: list[str] | str | None = None
     """Modules never adapted, matched like ``target_modules``."""
     layers_to_transform: list[int] | int | None = None
