@@ -336,6 +336,13 @@ def test_from_pretrained_config_replaces_the_files_config(tmp_path: Path) -> Non
     torch.testing.assert_close(_logits(ours, inputs), _logits(reference, inputs), atol=ATOL, rtol=0)
     with pytest.raises(TypeError, match="config must be a lorakit LoraConfig"):
         PeftModel.from_pretrained(make_gpt2(), tmp_path, config={"r": 4})  # type: ignore[arg-type]
+    model = copy.deepcopy(base)
+    before, structure = _state(model), _structure(model)
+    with pytest.raises(ValueError, match=r"rank_pattern key 'q_proj' matches no targeted module"):
+        PeftModel.from_pretrained(model, tmp_path, config=LoraConfig(r=4, target_modules=["c_attn"],
+                                                                     rank_pattern={"q_proj": 2}))
+    _assert_same_state(_state(model), before)
+    assert _structure(model) == structure
 
 
 def test_torch_device_is_validated_before_anything_changes(tmp_path: Path) -> None:
@@ -561,13 +568,25 @@ def test_set_peft_model_state_dict_refuses_foreign_keys_unchanged() -> None:
 
 
 @pytest.mark.parametrize(("make", "expected"), [(make_llama, {"q_proj", "v_proj"}), (make_gpt2, {"c_attn"})])
-def test_target_modules_none_uses_peft_defaults(make: Any, expected: set[str]) -> None:
+def test_target_modules_none_uses_peft_defaults(make: Any, expected: set[str], tmp_path: Path) -> None:
+    import json
+
+    from safetensors import safe_open
+
     theirs = peft.get_peft_model(make(), peft.LoraConfig(r=2))
     with pytest.warns(LorakitWarning, match=r"target_modules=None: using PEFT's default targets for model_type"):
         ours = get_peft_model(make(), LoraConfig(r=2))
     assert set(ours.peft_config["default"].target_modules) == set(theirs.peft_config["default"].target_modules) == expected
-    assert sorted(n for n, _ in ours.named_parameters() if "lora_" in n) == \
-        sorted(n for n, _ in theirs.named_parameters() if "lora_" in n)
+    assert _trainable(ours) == _trainable(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    keys = []
+    for directory in ("peft", "ours"):
+        with safe_open(str(tmp_path / directory / "adapter_model.safetensors"), "pt") as handle:
+            keys.append(sorted(handle.keys()))
+        saved = json.loads((tmp_path / directory / "adapter_config.json").read_text())["target_modules"]
+        assert set(saved) == expected  # the chosen defaults are what the file records
+    assert keys[0] == keys[1]
 
 
 def test_target_modules_none_on_an_unknown_architecture_is_peft_error() -> None:
@@ -706,3 +725,14 @@ def test_copies_keep_their_own_adapter_state() -> None:
     twin.base_model.set_adapter("b")
     assert twin.active_adapters == ["b"] and ours.active_adapters == ["default"]
     assert twin.base_model.peft_config is twin.peft_config
+
+
+def test_difference_set_adapter_sets_the_whole_trainable_set() -> None:
+    """PEFT's set_adapter toggles only adapter parameters; lorakit's makes the trainable set exactly the active
+    adapters' (plus their biases per ``bias``), re-freezing base weights the user had unfrozen."""
+    theirs, ours = _pair(make_gpt2, r=4, target_modules=["c_attn"])
+    for model in (theirs, ours):
+        model.base_model.model.transformer.wte.weight.requires_grad_(True)
+        model.set_adapter("default")
+    assert "base_model.model.transformer.wte.weight" in _trainable(theirs)
+    assert all("lora_" in n for n in _trainable(ours))

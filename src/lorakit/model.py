@@ -8,6 +8,7 @@ starts with ``base_model.model.``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import os
@@ -25,6 +26,7 @@ from .inject import (
     bias_conflict,
     inject_adapter,
     mark_trainable,
+    plan_injection,
     replace_with_base,
     structure_version,
     uninitialised_factors,
@@ -33,7 +35,9 @@ from .inject import (
 )
 from .layers.base import BASE_ROW, LoraLayer
 from .layers.modules_to_save import ModulesToSaveWrapper, NotATensorOutputError
+from .lora_model import LoraModel
 from .mixed import BatchPlan
+from .safe_merge import check_merge_is_finite
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
@@ -46,75 +50,6 @@ def validate_adapter_name(name: object) -> str:
             f"and not {BASE_ROW!r}, e.g. 'default' or 'sentiment_v2'."
         )
     return name
-
-
-class LoraModel(nn.Module):
-    """Holds the adapted model as ``.model`` (the middle of the ``base_model.model.`` key prefix).
-
-    PEFT users also drive adapters through it (``model.base_model.set_adapter(["a", "b"])`` is PEFT's idiom
-    for several active adapters); those calls go to the owning ``PeftModel``, which keeps the state.
-    """
-
-    prefix = "lora_"
-    """What every adapter parameter's name contains (PEFT's ``LoraModel.prefix``)."""
-
-    def __init__(self, model: nn.Module, owner: PeftModel) -> None:
-        super().__init__()
-        self.model = model
-        # A plain attribute, not a submodule: registering the owner would make modules() cycle.
-        self.__dict__["_owner"] = owner
-
-    @property
-    def peft_config(self) -> dict[str, LoraConfig]:
-        return self._owner.peft_config
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        """The active adapter's name, or the list of names when several (or none) are active (PEFT's rule)."""
-        active = self._owner.active_adapters
-        return active[0] if len(active) == 1 else active
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return self._owner.active_adapters
-
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
-        """See ``PeftModel.set_adapter`` (which also takes a list)."""
-        self._owner.set_adapter(adapter_name, inference_mode=inference_mode)
-
-    def disable_adapter_layers(self) -> None:
-        self._owner.disable_adapter_layers()
-
-    def enable_adapter_layers(self) -> None:
-        self._owner.enable_adapter_layers()
-
-    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
-        self._owner.set_requires_grad(adapter_names, requires_grad)
-
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self._owner.merge_adapter(adapter_names, safe_merge=safe_merge)
-
-    def unmerge_adapter(self) -> None:
-        self._owner.unmerge_adapter()
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
-        return self._owner.merge_and_unload(progressbar, safe_merge, adapter_names)
-
-    def unload(self) -> nn.Module:
-        return self._owner.unload()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._owner.delete_adapter(adapter_name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.model, name)
 
 
 class PeftModel(nn.Module):
@@ -552,6 +487,10 @@ class PeftModel(nn.Module):
         from .io import from_pretrained
 
         device = _check_load_options(autocast_adapter_dtype, torch_device, low_cpu_mem_usage)
+        if isinstance(config, LoraConfig) and (config.rank_pattern or config.alpha_pattern):
+            # A config the user wrote: pattern keys matching nothing are errors, as in get_peft_model (only
+            # a file's config, which PEFT may have written, gets them dropped with a warning).
+            plan_injection(model, dataclasses.replace(config, fan_in_fan_out=None), adapter_name)
         with uninitialised_factors() if low_cpu_mem_usage else contextlib.nullcontext():
             peft = from_pretrained(cls, model, model_id, adapter_name, is_trainable, allow_base_mismatch,
                                    use_safetensors, config=config, torch_device=device)
@@ -610,32 +549,9 @@ class PeftModel(nn.Module):
             self._require_adapter(name)
         _check_flag("safe_merge", safe_merge)
         if safe_merge:
-            self._check_merge_is_finite(names)
+            check_merge_is_finite(self.base_model.model, names)
         for layer in self._lora_layers():
             layer.merge([n for n in names if n in layer.r])
-
-    def _check_merge_is_finite(self, names: list[str]) -> None:
-        """Raise, before any weight changes, if merging ``names`` would put NaN/inf in some layer's weight.
-
-        Each layer's W′ = round(round(W0 + ΔW_1) + ΔW_2 …) is computed in a copy, in the weight's dtype, as
-        the merge rounds it (so a float16 weight that would overflow 65504 is caught too)."""
-        for path, layer in self.base_model.model.named_modules():
-            if not isinstance(layer, LoraLayer):
-                continue
-            todo = [n for n in names if n in layer.r and n not in layer.merged_adapters]
-            if not todo:
-                continue
-            weight = layer.base_layer.weight.detach()
-            merged = weight.clone()
-            with torch.no_grad():
-                for name in todo:
-                    delta = layer.delta_weight(name).to(weight.device).reshape(weight.shape)
-                    merged = (merged.to(delta.dtype) + delta).to(weight.dtype)
-            if not bool(torch.isfinite(merged).all()):
-                raise ValueError(
-                    f"safe_merge: merging adapter(s) {todo} into {path!r} would give NaN or infinity in its "
-                    "weight; nothing was merged. Check the adapter's factors (or keep it unmerged)."
-                )
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights, restoring W0 bit for bit."""
@@ -658,7 +574,7 @@ class PeftModel(nn.Module):
         _check_flag("safe_merge", safe_merge)
         _check_flag("progressbar", progressbar)
         if safe_merge:
-            self._check_merge_is_finite(names)
+            check_merge_is_finite(self.base_model.model, names)
         return replace_with_base(self.base_model.model, merge=True, adapter_names=adapter_names,
                                  progressbar=progressbar)
 
