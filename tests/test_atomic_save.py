@@ -179,7 +179,8 @@ def test_weights_are_renamed_into_place_before_the_config(tmp_path: Path,
 
     monkeypatch.setattr(lorakit_io.os, "replace", recording)
     model.save_pretrained(tmp_path)  # type: ignore[operator]
-    assert renamed == ["adapter_model.safetensors", "adapter_config.json"]
+    # The README.md model card comes last, once the adapter itself is complete.
+    assert renamed == ["adapter_model.safetensors", "adapter_config.json", "README.md"]
     assert sorted(load_adapter_weights(tmp_path)) == sorted(get_adapter_state_dict(model))  # type: ignore[arg-type]
 
 

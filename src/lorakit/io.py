@@ -24,8 +24,10 @@ the old one or the new one. An unchanged config is not rewritten, so re-saving a
 rename and even PEFT, which does not read the metadata, always sees the old or the new adapter; PEFT can
 see the mixed state only when a save that changes the config dies between its two renames.
 
-Safety: loading never runs code. Only safetensors is read unless ``use_safetensors=False`` allows a legacy
-``adapter_model.bin``, which is read with ``torch.load(weights_only=True)``. Adapter names cannot contain
+Safety: loading never runs code. A directory's ``adapter_model.safetensors`` is read; a directory holding only
+a legacy ``adapter_model.bin`` (PEFT's ``safe_serialization=False``) is read with
+``torch.load(weights_only=True)``, with a warning unless ``use_safetensors=False`` asked for it; a raw
+``.bin`` path needs ``use_safetensors=False``. Adapter names cannot contain
 path separators or dots, a subdirectory that is a symbolic link is never written through, and a file that
 is a link to somewhere outside the adapter directory is refused.
 """
@@ -473,7 +475,8 @@ def load_adapter_weights(
 
     Args:
         path: an adapter directory or a weights file (``.safetensors``, or ``.bin`` if allowed).
-        use_safetensors: if False, a legacy ``adapter_model.bin`` is accepted, read with
+        use_safetensors: if False, a ``.bin`` file path is accepted and a directory's legacy
+            ``adapter_model.bin`` is read without a warning; either way a .bin is read with
             ``torch.load(weights_only=True)``.
 
     Raises:

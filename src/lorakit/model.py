@@ -470,8 +470,8 @@ class PeftModel(nn.Module):
             is_trainable: False (default) loads it frozen and puts the model in eval mode (dropout off), as
                 PEFT does; True leaves the training mode alone and the adapter trainable.
             allow_base_mismatch: load even if the stored base fingerprint differs from ``model``'s.
-            use_safetensors: if False, a legacy ``adapter_model.bin`` is read (weights only) even when a
-                safetensors file is there; with True it is read (with a warning) only when none is.
+            use_safetensors: the directory's ``adapter_model.safetensors`` is read; when it has only a legacy
+                ``adapter_model.bin``, that is read (weights only) with a warning, or silently if False.
             config: use this config instead of the directory's adapter_config.json (PEFT's ``config=``).
             autocast_adapter_dtype: False stores the factors in a float16/bfloat16 base layer's dtype.
             torch_device: the device the file's tensors are read onto before they are copied into the

@@ -68,9 +68,14 @@ def write_model_card(model: PeftModel, save_directory: str | os.PathLike[str],
 
     names = list(model.peft_config) if adapter_names is None else adapter_names
     path = Path(os.fspath(save_directory)) / CARD_NAME
-    if not names or path.is_symlink() or (path.exists() and MARKER not in _read_text(path)):
+    if not names or path.is_symlink():
         return None
-    atomic_write(path, model_card_text(model, names).encode("utf-8"))
+    existing = _read_text(path) if path.exists() else None
+    if existing is not None and MARKER not in existing:
+        return None
+    text = model_card_text(model, names)
+    if text != existing:  # an unchanged card is not rewritten: re-saving a checkpoint stays one rename
+        atomic_write(path, text.encode("utf-8"))
     return path
 
 
