@@ -353,6 +353,8 @@ def test_torch_device_is_validated_before_anything_changes(tmp_path: Path) -> No
     inputs = _ids()
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, torch_device="cpu")
     torch.testing.assert_close(_logits(loaded, inputs), _logits(saved, inputs), atol=0, rtol=0)
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, torch_device="cpu")
+    torch.testing.assert_close(_logits(loaded, inputs), _logits(reference, inputs), atol=ATOL, rtol=0)
     before, structure = _state(base), _structure(base)
     with pytest.raises(ValueError, match=r"torch_device='gpu0' is not a device"):
         PeftModel.from_pretrained(base, tmp_path, torch_device="gpu0")
@@ -410,6 +412,10 @@ def _with_poisoned_factor(model: PeftModel, value: float) -> None:
 @pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
 def test_safe_merge_refuses_non_finite_weights_bit_identically(how: str) -> None:
     """safe_merge=True: a merge that would give inf/NaN raises and leaves every weight bit-identical."""
+    theirs = peft.get_peft_model(make_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    _with_poisoned_factor(theirs, float("inf"))
+    with pytest.raises(ValueError):  # PEFT refuses it too
+        getattr(theirs, how)(safe_merge=True)
     ours = get_peft_model(make_gpt2(), LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
     _with_poisoned_factor(ours, float("inf"))
     before, structure = _state(ours), _structure(ours)
