@@ -1,0 +1,142 @@
+"""DoRA files both ways with PEFT 0.21 (``use_dora=True``): equal logits, PEFT's keys and config on disk."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_gpt2, make_llama
+from safetensors import safe_open
+from torch import nn
+
+from lorakit import LoraConfig, PeftModel, get_peft_model
+
+peft = pytest.importorskip("peft")
+
+ATOL = 1e-5
+
+# Configs valid in both libraries (same keyword names), each with use_dora=True added.
+CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
+    "gpt2_c_attn": (make_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn"])),
+    "gpt2_patterns": (make_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                      rank_pattern={"c_proj": 2}, alpha_pattern={"c_fc": 32})),
+    "gpt2_rslora_bias": (make_gpt2, dict(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], use_rslora=True,
+                                         bias="lora_only")),
+    "llama_all_linear": (make_llama, dict(r=4, lora_alpha=8, target_modules="all-linear")),
+    "llama_patterns": (make_llama, dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                        rank_pattern={"down_proj": 2}, alpha_pattern={r"layers\.1\.self_attn\.q_proj": 4})),
+}
+
+
+def _train_like(model: nn.Module, std: float = 0.1) -> None:
+    """Move every trainable tensor (A, B, m, trained biases) away from its init, m by a relative factor."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.empty_like(param).uniform_(0.6, 1.4))
+            else:
+                param.add_(torch.randn_like(param) * std)
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_dora_adapter_loads_in_lorakit(case: str, tmp_path: Path) -> None:
+    make, kwargs = CASES[case]
+    base = make()
+    ids = torch.randint(0, 64, (2, 10))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(use_dora=True, **kwargs))
+    _train_like(theirs)
+    theirs.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as handle:
+        magnitudes = [k for k in handle.keys() if "lora_magnitude_vector" in k]
+    assert magnitudes and all(k.endswith(".lora_magnitude_vector") for k in magnitudes)
+
+    ours = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert ours.peft_config["default"].use_dora
+    expected = _logits(theirs, ids)
+    assert (expected - _logits(base, ids)).abs().max() > 0.01  # the adapter changes the output
+    torch.testing.assert_close(_logits(ours, ids), expected, atol=ATOL, rtol=0)
+    ours.merge_adapter()  # the merged DoRA weight gives the same logits
+    torch.testing.assert_close(_logits(ours, ids), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lorakit_dora_adapter_loads_in_peft(case: str, tmp_path: Path) -> None:
+    make, kwargs = CASES[case]
+    base = make()
+    ids = torch.randint(0, 64, (2, 10))
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(use_dora=True, **kwargs))
+    _train_like(ours)
+    ours.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_dora"] is True
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+    assert any(k.endswith(".lora_magnitude_vector") for k in keys)
+    assert not any("lora_magnitude_vector." in k for k in keys)  # no adapter name, no ".weight"
+
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    expected = _logits(ours, ids)
+    assert (expected - _logits(base, ids)).abs().max() > 0.01
+    torch.testing.assert_close(_logits(theirs, ids), expected, atol=ATOL, rtol=0)
+    # and back: the file PEFT re-saves loads in lorakit with the same logits
+    resaved = tmp_path / "resaved"
+    theirs.save_pretrained(resaved)
+    again = PeftModel.from_pretrained(copy.deepcopy(base), resaved)
+    torch.testing.assert_close(_logits(again, ids), expected, atol=ATOL, rtol=0)
+
+
+def test_two_active_adapters_match_peft(tmp_path: Path) -> None:
+    """A plain and a DoRA adapter active together: PEFT's order semantics (DoRA rescales what came before)."""
+    base = make_gpt2()
+    ids = torch.randint(0, 64, (2, 10))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]),
+                                 adapter_name="plain")
+    theirs.add_adapter("dora", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True))
+    theirs.base_model.set_adapter(["plain", "dora"])
+    _train_like(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain", adapter_name="plain")
+    ours.load_adapter(tmp_path / "dora", "dora")
+    ours.set_adapter(["plain", "dora"])
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=ATOL, rtol=0)
+
+
+def test_dropout_training_step_matches_peft() -> None:
+    """Train mode with dropout (PEFT re-runs the base product on the dropped input): same loss and grads."""
+    base = make_llama()
+    ids = torch.randint(0, 64, (2, 10))
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], lora_dropout=0.3, use_dora=True,
+                  init_lora_weights=False)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(**kwargs))
+    _train_like(theirs)
+    ours.load_state_dict({k: v for k, v in _as_ours(theirs.state_dict()).items()}, strict=False)
+    grads = []
+    for model in (theirs, ours):
+        model.train()
+        torch.manual_seed(7)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append({n.replace(".weight", "").replace("lora_magnitude_vector.default", "lora_magnitude_vector"): p.grad
+                      for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=ATOL, rtol=1e-4, msg=name)
+
+
+def _as_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT's in-memory keys → lorakit's (PEFT keeps m as ``lora_magnitude_vector.<name>.weight``)."""
+    return {k.replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector.default"): v
+            for k, v in state.items()}
