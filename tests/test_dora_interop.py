@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import make_gpt2, make_llama
+from conftest import make_gpt2, make_llama, save_tiny_model_dir
 from safetensors import safe_open
 from torch import nn
 
@@ -134,6 +134,41 @@ def test_dropout_training_step_matches_peft() -> None:
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=ATOL, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_train_use_dora_writes_a_dora_adapter_peft_loads(tmp_path: Path) -> None:
+    """`lorakit train --use-dora` on a tiny GPT-2 (Conv1D targets): loss falls, m trains, PEFT reads the file."""
+    import json as json_module
+
+    from lorakit.cli import main
+    from lorakit.train.loop import load_causal_lm
+
+    model_dir = save_tiny_model_dir(tmp_path / "model", "gpt2")
+    data = tmp_path / "data.jsonl"
+    words = ["cat", "dog", "sun", "bird", "sky", "lamp", "pen", "rose", "cup", "moon", "fig", "jam"] * 4
+    data.write_text("".join(json_module.dumps({"prompt": f"is {w} short ->", "completion": "Y" if len(w) < 4 else "N"})
+                            + "\n" for w in words))
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--use-dora",
+                 "--max-steps", "20", "--lr", "3e-2", "--target-modules", "all-linear", "--batch-size", "8",
+                 "--log-every", "1", "--warmup-steps", "0", "--samples", "0", "--no-progress", "--r", "4"])
+    assert code == 0
+    rows = [json_module.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r and "split" not in r]
+    assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
+    assert json_module.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+
+    base, _ = load_causal_lm(model_dir)
+    ids = torch.randint(0, 200, (2, 8))
+    # eval(): the LoRA layers' dropout (p = 0.05 here) must be off in both (lorakit's new layers start in
+    # training mode, as every fresh nn.Module).
+    ours = PeftModel.from_pretrained(copy.deepcopy(base), out / "adapter").eval()
+    layer = next(m for m in ours.modules() if hasattr(m, "lora_variant") and m.lora_variant)
+    w0 = layer._weight_as_out_in(layer.base_layer.weight)
+    assert (layer.lora_magnitude_vector["default"] - w0.norm(dim=1)).abs().max() > 1e-4  # m was trained
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(out / "adapter")).eval()
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=ATOL, rtol=0)
 
 
 def _as_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

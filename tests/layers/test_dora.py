@@ -233,3 +233,25 @@ def test_training_updates_magnitudes_and_factors(ids: torch.Tensor) -> None:
         optimizer.zero_grad()
     changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
     assert any("lora_magnitude_vector" in n for n in changed) and any("lora_B" in n for n in changed)
+
+
+def test_unsupported_layers_and_arithmetic_are_refused_with_the_model_unchanged() -> None:
+    from conftest import ToyNet
+
+    toy = ToyNet()
+    before = {n: p.clone() for n, p in toy.state_dict().items()}
+    types = [type(m) for m in toy.modules()]
+    with pytest.raises(ValueError, match=r"use_dora=True is not supported for emb \(Embedding\), conv1d \(Conv1d\); "
+                                         r"DoRA supports torch\.nn\.Linear, transformers Conv1D \(GPT-2\)"):
+        get_peft_model(toy, LoraConfig(target_modules=["emb", "conv1d", "mlp"], use_dora=True))
+    assert [type(m) for m in toy.modules()] == types
+    assert all(torch.equal(p, before[n]) for n, p in toy.state_dict().items())
+
+    model = get_peft_model(make_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
+    with pytest.raises(ValueError, match=r"\['default'\] are DoRA adapters .* cannot be combined"):
+        model.add_weighted_adapter(["default"], [1.0], "sum", combination_type="linear")
+    from lorakit.arithmetic import resize_adapter
+
+    with pytest.raises(ValueError, match=r"cannot be resized: .*would drop the magnitudes"):
+        resize_adapter(model, "default", "small", rank=1)
+    assert list(model.peft_config) == ["default"]
