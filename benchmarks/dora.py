@@ -6,7 +6,9 @@ P12: forward + backward + AdamW step on the GPT-2-small-shaped model, all-linear
      (with dropout active both libraries run the base product a second time on the dropped input, as
      PEFT defines DoRA there, so p = 0 is where the implementations differ). Three variants interleaved in
      one run: lorakit DoRA, PEFT 0.21 DoRA, lorakit plain LoRA. Companions: saved-activation bytes and
-     FLOPs of the forward, ours / PEFT (deterministic).
+     FLOPs of the forward, ours / PEFT (deterministic), and the time of the per-output-feature norms
+     ‖W0 + s·B·A‖ of all adapted layers, ours (small products, ‖W0‖² cached) / PEFT's (B·A formed through an
+     identity matrix, added to W0, norm of the sum), interleaved.
 """
 
 from __future__ import annotations
@@ -89,7 +91,28 @@ def run(setup: Setup, only: set[str] | None = None) -> list[Result]:
          f"{saved['peft'] / 2**20:.1f} MiB); DoRA / LoRA ours = {saved['ours'] / saved['lora']:.3f}")
     fl = {name: flops(lambda m=models[name]: forward_loss(m)) for name in ("ours", "peft")}
     note(f"forward FLOPs ours / PEFT = {fl['ours'] / fl['peft']:.4f}")
+    norms = interleave({"ours": lambda: _our_norms(mine), "peft": lambda: _peft_norms(theirs)}, setup.pairs)
+    note(f"norms ‖W0 + s·B·A‖ of all adapted layers: ours {median(norms['ours']) * 1e3:.1f} ms, PEFT's "
+         f"{median(norms['peft']) * 1e3:.1f} ms, ratio {median_ratio(norms, 'ours', 'peft'):.3f}")
     return results
+
+
+@torch.no_grad()
+def _our_norms(model: nn.Module) -> None:
+    for layer in model.modules():
+        for name, variant in getattr(layer, "lora_variant", {}).items():
+            variant.weight_norm(layer, name)
+
+
+@torch.no_grad()
+def _peft_norms(model: nn.Module) -> None:
+    for layer in model.modules():
+        dora_layers = getattr(layer, "lora_magnitude_vector", None)
+        if not dora_layers or not hasattr(layer, "get_base_layer"):
+            continue
+        for name, dora_layer in dora_layers.items():  # what PEFT's DoraLinearLayer.forward does for the norm
+            lora_weight = dora_layer.get_lora_weight(lora_A=layer.lora_A[name], lora_B=layer.lora_B[name])
+            dora_layer.get_weight_norm(layer.get_base_layer().weight, lora_weight, layer.scaling[name])
 
 
 def main(argv: list[str] | None = None) -> int:
