@@ -247,6 +247,14 @@ def test_unsupported_layers_and_arithmetic_are_refused_with_the_model_unchanged(
     assert [type(m) for m in toy.modules()] == types
     assert all(torch.equal(p, before[n]) for n, p in toy.state_dict().items())
 
+    packed = nn.Linear(8, 3)
+    packed.weight = nn.Parameter(torch.zeros(3, 4, dtype=torch.uint8), requires_grad=False)  # a 4-bit base's storage
+    layer = Linear(packed)
+    with pytest.raises(ValueError, match=r"needs a floating-point base weight, .* stores torch\.uint8"):
+        layer.update_layer("default", r=2, lora_alpha=4, lora_dropout=0.0, init_lora_weights=True, use_rslora=False,
+                           use_dora=True)
+    assert not layer.r and not layer.lora_magnitude_vector
+
     model = get_peft_model(make_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], use_dora=True))
     with pytest.raises(ValueError, match=r"\['default'\] are DoRA adapters .* cannot be combined"):
         model.add_weighted_adapter(["default"], [1.0], "sum", combination_type="linear")

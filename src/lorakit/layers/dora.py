@@ -57,6 +57,12 @@ def check_supported(layer: LoraLayer) -> None:
             f"use_dora=True is not supported for {type(layer.base_layer).__name__} layers; DoRA supports "
             f"{', '.join(SUPPORTED)}: narrow target_modules to those or set use_dora=False."
         )
+    weight = layer.base_layer.weight
+    if not weight.is_floating_point():  # e.g. a packed 4-bit weight: the norm needs W0's values
+        raise ValueError(
+            f"use_dora=True needs a floating-point base weight, but this {type(layer.base_layer).__name__} "
+            f"stores {weight.dtype}; apply DoRA to an unquantized base or set use_dora=False."
+        )
 
 
 def create_magnitude(layer: LoraLayer, adapter_name: str, like: torch.Tensor | None = None) -> nn.Parameter:
