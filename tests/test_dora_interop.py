@@ -97,12 +97,14 @@ def test_lorakit_dora_adapter_loads_in_peft(case: str, tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(again, ids), expected, atol=ATOL, rtol=0)
 
 
-def test_two_active_adapters_match_peft(tmp_path: Path) -> None:
-    """A plain and a DoRA adapter active together: PEFT's order semantics (DoRA rescales what came before)."""
+@pytest.mark.parametrize("first_dora", [False, True])
+def test_two_active_adapters_match_peft(tmp_path: Path, first_dora: bool) -> None:
+    """Two adapters active together (plain + DoRA, DoRA + DoRA): PEFT's order semantics (a DoRA adapter rescales
+    what came before); merging both in order gives the same logits and unmerging restores W0."""
     base = make_gpt2()
     ids = torch.randint(0, 64, (2, 10))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]),
-                                 adapter_name="plain")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
+                                                                      use_dora=first_dora), adapter_name="plain")
     theirs.add_adapter("dora", peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], use_dora=True))
     theirs.base_model.set_adapter(["plain", "dora"])
     _train_like(theirs)
@@ -110,7 +112,13 @@ def test_two_active_adapters_match_peft(tmp_path: Path) -> None:
     ours = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "plain", adapter_name="plain")
     ours.load_adapter(tmp_path / "dora", "dora")
     ours.set_adapter(["plain", "dora"])
-    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=ATOL, rtol=0)
+    expected = _logits(theirs, ids)
+    torch.testing.assert_close(_logits(ours, ids), expected, atol=ATOL, rtol=0)
+    weights = {n: p.detach().clone() for n, p in ours.named_parameters() if "base_layer.weight" in n}
+    ours.merge_adapter()
+    torch.testing.assert_close(_logits(ours, ids), expected, atol=ATOL, rtol=0)
+    ours.unmerge_adapter()
+    assert all(torch.equal(p, weights[n]) for n, p in ours.named_parameters() if n in weights)
 
 
 def test_dropout_training_step_matches_peft() -> None:
