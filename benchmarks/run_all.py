@@ -1,4 +1,4 @@
-"""Every figure of ../shared/BENCHMARKS.md (P1–P8) in one run, one line each, then a summary.
+"""Every figure of ../shared/BENCHMARKS.md (P1–P8, P12) in one run, one line each, then a summary.
 
     python -m benchmarks.run_all [--quick] [--only P1,P5] [--threads N] [--pairs N]
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from . import forward, mixed_batch, train_step
+from . import dora, forward, mixed_batch, train_step
 from .common import HEADER, Result, add_arguments, configure
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     print(setup.describe())
     print(HEADER)
     results: list[Result] = []
-    for module in (train_step, forward, mixed_batch):
+    for module in (train_step, forward, mixed_batch, dora):
         results += module.run(setup, only)
     passed = sum(r.passed for r in results)
     print(f"{passed}/{len(results)} goals met in {time.perf_counter() - start:.0f} s "

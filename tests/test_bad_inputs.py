@@ -492,6 +492,15 @@ CASES: list[Case] = [
     Case("model-truncated-weights-tools", r"--model .*model: its weights cannot be read", r"re-download the model",
          argv=lambda ws, tmp: ["resize", "--model", str(_model_copy(tmp, ws, lambda d: _truncate(d / "model.safetensors"))),
                                "--adapter", str(ws.adapter), "--rank", "1", "--output", str(tmp / "small")]),
+    # --------------------------------------------------------------------------- DoRA
+    Case("dora-on-embedding", r"use_dora=True is not supported for model\.embed_tokens \(Embedding\)",
+         r"DoRA supports torch\.nn\.Linear, transformers Conv1D \(GPT-2\).*exclude_modules",
+         call=inject(target_modules=["embed_tokens", "q_proj"], use_dora=True)),
+    Case("dora-flag-string", r"use_dora='yes' is invalid", r"use true or false",
+         call=config(target_modules=["q_proj"], use_dora="yes")),
+    Case("dora-cli-on-embedding", r"use_dora=True is not supported for model\.embed_tokens \(Embedding\)",
+         r"DoRA supports torch\.nn\.Linear", argv=lambda ws, tmp: train(ws, tmp, "--use-dora", "--target-modules",
+                                                                    "embed_tokens,q_proj")),
 ]
 
 

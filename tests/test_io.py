@@ -457,7 +457,7 @@ BAD_FILES: dict[str, tuple[Callable[[Path], Any], type[Exception], list[str]]] =
                         [r"adapter_config\.json must hold a JSON object"]),
     "no_target_modules": (_set_config(target_modules=None), ValueError,
                           [r"adapter_config\.json: adapter config has no 'target_modules'"]),
-    "unsupported_math": (_set_config(use_dora=True), ValueError, [r"adapter_config\.json: .*use_dora=True"]),
+    "unsupported_math": (_set_config(lora_bias=True), ValueError, [r"adapter_config\.json: .*lora_bias=True"]),
     "targets_absent": (_set_config(target_modules=["q_proj"]), ValueError,
                        [r"adapter_config\.json does not fit this model: .*matched no module"]),
     "missing_and_unexpected": (lambda d: _rewrite_weights(d, _drop_and_add), ValueError, [

@@ -311,6 +311,7 @@ def add_weighted_adapter(
         model._require_adapter(name)
     if len(set(adapters)) != len(adapters):
         raise ValueError(f"adapters={adapters} names an adapter twice; give each once with its total weight.")
+    _refuse_dora(model, adapters, "combined")
     weights = [float(w) for w in weights]
     if len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights):
         raise ValueError(f"weights={weights} must be {len(adapters)} finite numbers, one per adapter in {adapters}.")
@@ -369,6 +370,15 @@ def add_weighted_adapter(
     _add_adapter_with_factors(model, adapter_name, config, factors, copies)
 
 
+def _refuse_dora(model: PeftModel, adapters: list[str], verb: str) -> None:
+    """DoRA adapters are not s·B·A alone (their magnitudes rescale W0 too): the rules here would drop m."""
+    dora = [name for name in adapters if model.peft_config[name].use_dora]
+    if dora:
+        raise ValueError(f"adapter(s) {dora} are DoRA adapters (use_dora=True), which cannot be {verb}: the rules "
+                         "act on ΔW = s·B·A and would drop the magnitudes. Use plain LoRA adapters, or "
+                         "merge_and_unload() the DoRA adapter into the base first.")
+
+
 # ---------------------------------------------------------------------------------------- resize
 def resize_adapter(model: PeftModel, adapter_name: str, new_adapter_name: str, *, rank: int | None = None,
                    energy: float | None = None) -> list[LayerRankReport]:
@@ -385,6 +395,7 @@ def resize_adapter(model: PeftModel, adapter_name: str, new_adapter_name: str, *
         ValueError: unknown adapter, taken/invalid new name, neither/invalid rank and energy.
     """
     model._require_adapter(adapter_name)
+    _refuse_dora(model, [adapter_name], "resized")
     validate_adapter_name(new_adapter_name)
     if new_adapter_name in model.peft_config:
         raise ValueError(f"an adapter named {new_adapter_name!r} already exists; choose a new name.")

@@ -17,7 +17,6 @@ from typing import Any, Literal, Union
 # Keys PEFT writes that change nothing for plain LoRA (e.g. "revision", "megatron_core") are
 # accepted and dropped by ``LoraConfig.from_dict``; keys that would change the math are refused.
 _MATH_CHANGING_KEYS_UNSUPPORTED: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "use_qalora": False,
@@ -77,6 +76,9 @@ class LoraConfig:
     """Which biases train: none, all biases of the model, or only those of adapted modules."""
     use_rslora: bool = False
     """Use the rank-stabilised scaling α/√r instead of α/r."""
+    use_dora: bool = False
+    """DoRA (Liu et al. 2024): W′ = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖ per output feature, m trainable
+    (``lorakit.layers.dora``). Linear and GPT-2 Conv1D targets only."""
     init_lora_weights: InitLoraWeights = True
     """True: Kaiming-uniform A, B=0 (PEFT default); "gaussian": A ~ N(0, 1/r), B=0 (the paper);
     False: random non-zero B (tests only); "pissa"/"olora": SVD/QR init with W0 adjusted."""
@@ -114,7 +116,7 @@ class LoraConfig:
             )
         if self.peft_type != "LORA":
             raise ValueError(f"LoraConfig.peft_type={self.peft_type!r} is invalid: lorakit only handles 'LORA'.")
-        for name in ("use_rslora", "inference_mode"):
+        for name in ("use_rslora", "use_dora", "inference_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoraConfig.{name}={getattr(self, name)!r} is invalid: use true or false.")
         if self.fan_in_fan_out is not None and not isinstance(self.fan_in_fan_out, bool):
@@ -189,7 +191,7 @@ class LoraConfig:
 
         Raises:
             ValueError: if peft_type is not LORA, target_modules is missing, or a key that changes the math
-                and that lorakit does not implement is set (e.g. use_dora=true).
+                and that lorakit does not implement is set (e.g. lora_bias=true).
         """
         if not isinstance(data, dict):
             raise ValueError(f"adapter config must be a JSON object, got {type(data).__name__}.")

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import LoraConfig, TaskType
 from .errors import LorakitWarning
-from .layers import SUPPORTED_LAYER_TYPES, LoraLayer, is_gpt2_conv1d, layer_class_for
+from .layers import SUPPORTED_LAYER_TYPES, LoraLayer, dora, is_gpt2_conv1d, layer_class_for
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .target_defaults import default_target_modules, model_type
 
@@ -154,6 +154,14 @@ def plan_injection(model: nn.Module, config: LoraConfig, adapter_name: str,
                     f"init_lora_weights={config.init_lora_weights!r} supports Linear/Conv1D targets only, but "
                     f"{p.name!r} is {type(p.module).__name__}; exclude it or use init_lora_weights=True."
                 )
+    if config.use_dora:
+        refused = [f"{p.name} ({type(_inner(p.module)).__name__})" for p in plans
+                   if not getattr(layer_class_for(_inner(p.module)), "supports_dora", False)]
+        if refused:
+            raise ValueError(
+                f"use_dora=True is not supported for {', '.join(refused)}; DoRA supports "
+                f"{', '.join(dora.SUPPORTED)}: exclude those modules (exclude_modules) or set use_dora=False."
+            )
     if config.fan_in_fan_out is not None:
         linear_like = [p for p in plans if _is_linear_like(p.module)]
         mismatched = [p.name for p in linear_like if _is_fan_in_fan_out(p.module) != bool(config.fan_in_fan_out)]
@@ -217,6 +225,10 @@ def bias_conflict(configs: dict[str, LoraConfig], new: LoraConfig) -> str | None
     if new.bias == "none":
         return None
     return next((name for name, c in configs.items() if c.bias != "none"), None)
+
+
+def _inner(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLayer) else module
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -311,7 +323,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
                 set_submodule(model, p.name, layer)
             with torch.device("meta") if _UNINITIALISED.get() else contextlib.nullcontext():
                 layer.update_layer(adapter_name, p.r, p.lora_alpha, config.lora_dropout, config.init_lora_weights,
-                                   config.use_rslora)
+                                   config.use_rslora, use_dora=config.use_dora)
         for name, module in saves:
             wrapper = module if isinstance(module, ModulesToSaveWrapper) else ModulesToSaveWrapper(module)
             if wrapper is not module:

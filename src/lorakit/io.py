@@ -63,7 +63,7 @@ from .inject import (
     plan_injection,
     plan_modules_to_save,
 )
-from .layers import GPT2Conv1D, LoraLayer, layer_class_for
+from .layers import GPT2Conv1D, LoraLayer, dora, layer_class_for
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .model import validate_adapter_name
 
@@ -771,7 +771,7 @@ def _direct_parameter(module: nn.Module, name: str) -> torch.Tensor | None:
     return dict(module.named_parameters(recurse=False)).get(name)
 
 
-def _factor_shapes(plan: TargetPlan, adapter_name: str) -> dict[str, tuple[int, ...]]:
+def _factor_shapes(plan: TargetPlan, adapter_name: str, use_dora: bool = False) -> dict[str, tuple[int, ...]]:
     """State-dict keys and shapes the LoRA layer for ``plan`` will have, from a probe on the meta device
     (nothing is allocated and the model is not touched)."""
     base = _base_of(plan.module)
@@ -781,6 +781,8 @@ def _factor_shapes(plan: TargetPlan, adapter_name: str) -> dict[str, tuple[int, 
     probe = kind(base)
     with torch.device("meta"):
         probe._create_factors(adapter_name, plan.r)
+        if use_dora:
+            dora.create_magnitude(probe, adapter_name)
     return {
         f"{PREFIX}{plan.name}.{key}": tuple(value.shape)
         for key, value in probe.state_dict(keep_vars=True).items()
@@ -814,14 +816,14 @@ def _embedding_module_names(model: nn.Module) -> list[str]:
 
 
 def _expected_tensors(model: nn.Module, targets: list[TargetPlan], saves: list[tuple[str, nn.Module]],
-                      adapter_name: str, bias: str) -> dict[str, _Expected]:
+                      adapter_name: str, bias: str, use_dora: bool = False) -> dict[str, _Expected]:
     """Every ``PeftModel.state_dict`` key the adapter's file may fill, once injected, with its shape."""
     expected: dict[str, _Expected] = {}
     target_names = {p.name for p in targets}
     wrapped = {p.name for p in targets if not isinstance(p.module, LoraLayer)}
     saved = {n for n, m in saves if not isinstance(m, ModulesToSaveWrapper)}
     for plan in targets:
-        for key, shape in _factor_shapes(plan, adapter_name).items():
+        for key, shape in _factor_shapes(plan, adapter_name, use_dora).items():
             expected[key] = _Expected(shape, True)
         base = _base_of(plan.module)
         bias_param = _direct_parameter(base, "bias")
@@ -910,7 +912,7 @@ def plan_load(model: nn.Module, files: AdapterFiles, adapter_name: str, is_train
                 f"file, {current} for this model ({stored.mismatch_reason(current)}). Load it into the base it "
                 "was trained on, or pass allow_base_mismatch=True to load it anyway."
             )
-    expected = _expected_tensors(model, targets, saves, adapter_name, config.bias)
+    expected = _expected_tensors(model, targets, saves, adapter_name, config.bias, config.use_dora)
     expected_file = {file_key(k, adapter_name): (k, e) for k, e in expected.items()}
     tensors = _normalise_file_keys(files.tensors, config.bias, expected_file)
     missing = sorted(k for k, (_, e) in expected_file.items() if e.required and k not in tensors)

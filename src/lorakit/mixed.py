@@ -16,8 +16,8 @@ T·(k + d) numbers per row instead of copying r·(k + d) of weights.
 
 Training through a mixed batch (a gradient must reach some adapter's factors) uses the same kernels on
 stacks built afresh, differentiably, for that forward. Per-adapter loop (the fallback): when an
-adapter's dropout is active (training mode), for ``nn.Conv1d/2d`` layers, and for embeddings with
-``max_norm``. Each adapter's rows are then selected, run through ``lora_output`` and added back.
+adapter's dropout is active (training mode), for ``nn.Conv1d/2d`` layers, for embeddings with
+``max_norm``, and for layers where a row's adapter is a DoRA one (it rescales that row's base output). Each adapter's rows are then selected, run through ``lora_output`` and added back.
 """
 
 from __future__ import annotations
@@ -177,6 +177,8 @@ class BatchPlan:
         embedding = isinstance(layer, Embedding)
         if not (isinstance(layer, Linear) or embedding) or (embedding and layer.base_layer.max_norm is not None):
             return self._apply_loop(layer, x, result, used)  # nn.Conv1d/2d, renormalised embeddings
+        if layer.lora_variant and not layer.lora_variant.keys().isdisjoint(used):
+            return self._apply_loop(layer, x, result, used)  # DoRA rescales each row's base output
         stacks = self._stacks.get(id(layer))
         if stacks is None:
             stacks = self._stacks[id(layer)] = stacked_factors(layer)
@@ -200,6 +202,6 @@ class BatchPlan:
     def _apply_loop(self, layer: LoraLayer, x: torch.Tensor, result: torch.Tensor, used: list[str]) -> torch.Tensor:
         for name in used:
             rows = self.groups[name].to(x.device)
-            delta = layer.lora_output(x.index_select(0, rows), name).to(result.dtype)
+            delta = layer.adapter_output(x.index_select(0, rows), name, result.index_select(0, rows))
             result = result.index_add(0, rows, delta)
         return result

@@ -310,7 +310,10 @@ class PeftModel(nn.Module):
             if adapter_name not in layer.r or dtype not in (torch.float16, torch.bfloat16):
                 continue
             for attr in layer.adapter_param_names:
-                item = getattr(layer, attr)[adapter_name]
+                container = getattr(layer, attr)
+                if adapter_name not in container:  # e.g. no DoRA magnitude for a plain LoRA adapter
+                    continue
+                item = container[adapter_name]
                 for param in item.parameters() if isinstance(item, nn.Module) else [item]:
                     param.data = param.data.to(dtype)
 

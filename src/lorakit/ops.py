@@ -477,3 +477,87 @@ def _add_batched(result: torch.Tensor, h: torch.Tensor, bt_rows: torch.Tensor, n
         result.view(n, -1, d).baddbmm_(h, bt_rows)
         return result
     return result + torch.bmm(h, bt_rows).view(result.shape).to(result.dtype)
+
+
+# ---------------------------------------------------------------------------------------------- dora
+def _dora_forward(
+    x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool,
+    a: torch.Tensor, b: torch.Tensor, scale: float, factor: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out (N, d) = f ⊙ z + b with z = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ; returns (out, z, h = x·Aᵀ (N, r))."""
+    w = weight if fan_in_fan_out else weight.t()  # (k, d) either way
+    z = torch.mm(x2d, w)
+    h = _x_at(x2d, a)
+    z.addmm_(h, b.t(), alpha=scale)  # in place: no (N, d) temporary, never B·A
+    out = torch.mul(z, factor) if bias is None else torch.addcmul(bias, z, factor)
+    return out, z, h
+
+
+class FusedDoraLinear(torch.autograd.Function):
+    """Autograd of ``_dora_forward`` with f = m/n, n = ‖W0 + s·B·A‖ a constant (DoRA §4.3):
+
+        ∂m = Σ_rows (g ⊙ z) / n,   g_z = g ⊙ f,   then LoRA's backward with g_z:
+        ∂A = s·(g_z·B)ᵀ·x,  ∂B = s·g_zᵀ·h,  ∂x = g_z·W0 + s·(g_z·B)·A,  ∂b = Σ_rows g
+
+    Saved: x (the input object), h (N, r) and z (N, d): one (N, d) activation, where PEFT's DoRA keeps the
+    base output, the LoRA output and their scaled copies.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool,
+        scale: float, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor,
+    ) -> torch.Tensor:
+        factor = magnitude / norm
+        out, z, h = _dora_forward(x.reshape(-1, x.shape[-1]), weight, bias, fan_in_fan_out, a, b, scale, factor)
+        ctx.save_for_backward(x, weight, a, b, h, z, factor, norm)
+        ctx.lora = (fan_in_fan_out, scale, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, a, b, h, z, factor, norm = ctx.saved_tensors
+        fan_in_fan_out, scale, has_bias = ctx.lora
+        need_x, need_w, need_bias, _, _, need_a, need_b, need_m, _ = ctx.needs_input_grad
+        x2d = x.reshape(-1, x.shape[-1])
+        g = grad_out
+        grad_m = torch.mul(g, z).sum(0).div_(norm) if need_m else None
+        gz = g * factor  # (N, d): the gradient reaching z
+        grad_bias = g.sum(0) if need_bias and has_bias else None
+        grad_w = None
+        if need_w:
+            grad_w = torch.mm(x2d.t(), gz) if fan_in_fan_out else torch.mm(gz.t(), x2d)
+        g_h = torch.mm(b.t(), gz.t()).t()  # (N, r) = g_z·B (see _SKINNY for the orientation)
+        grad_a = _at_b(g_h, x2d).mul_(scale) if need_a else None
+        grad_b = _at_b(h, gz).t().mul_(scale) if need_b else None
+        grad_x = None
+        if need_x:
+            w = weight.t() if fan_in_fan_out else weight  # (d, k)
+            grad_x = torch.addmm(g_h.new_empty(x2d.shape), g_h, a, beta=0, alpha=scale)
+            grad_x = grad_x.addmm_(gz, w).view(x.shape)  # the base GEMM accumulates onto the LoRA term
+        return grad_x, grad_w, grad_bias, None, None, grad_a, grad_b, grad_m, None
+
+
+def dora_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fan_in_fan_out: bool,
+    a: torch.Tensor, b: torch.Tensor, scale: float, magnitude: torch.Tensor, norm: torch.Tensor,
+) -> torch.Tensor:
+    """y = (m/n) ⊙ (x·W0ᵀ + s·B·A·x) + b for a Linear-like base, one DoRA adapter, fused (no dropout).
+
+    Args:
+        x: input (..., k), same dtype as ``weight`` and the factors.
+        weight: base weight, (d, k) for ``nn.Linear`` or (k, d) for GPT-2 ``Conv1D`` (``fan_in_fan_out``).
+        bias: base bias (d,) or None.
+        a, b: A (r, k), B (d, r); scale: s; magnitude: m (d,); norm: n = ‖W0 + s·B·A‖ (d,), detached.
+
+    Returns:
+        y (..., d).
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, a, b, magnitude))
+    if needs_grad:
+        out = FusedDoraLinear.apply(x, weight, bias, fan_in_fan_out, scale, a, b, magnitude, norm)
+    else:
+        out, _, _ = _dora_forward(x.reshape(-1, x.shape[-1]), weight, bias, fan_in_fan_out, a, b, scale,
+                                  magnitude / norm)
+    return out.view(*x.shape[:-1], out.shape[-1])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import dora
 from .base import BASE_ROW, LoraLayer
 from .conv import Conv
 from .conv1d import GPT2Conv1D
@@ -34,4 +35,4 @@ def layer_class_for(module: nn.Module) -> type[LoraLayer] | None:
 
 
 __all__ = ["BASE_ROW", "LoraLayer", "Linear", "GPT2Conv1D", "Embedding", "Conv", "layer_class_for",
-           "is_gpt2_conv1d", "SUPPORTED_LAYER_TYPES"]
+           "is_gpt2_conv1d", "SUPPORTED_LAYER_TYPES", "dora"]

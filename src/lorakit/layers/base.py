@@ -14,6 +14,11 @@ would otherwise compute, round(W - ΔW). That difference is almost always 0 or �
 (1 byte per weight element: 25 % of an fp32 weight, 50 % of a bf16/fp16 one); the rare element where it
 does not fit keeps its W0 value in a short sparse list. Unmerging adds it back, so W0 returns bit for bit
 however many merge/unmerge cycles run. The memory is freed by unmerge and by ``merge_and_unload``.
+
+Variants: an adapter may depart from plain LoRA through a small strategy object the layer holds in
+``lora_variant[name]`` (DoRA: ``lorakit.layers.dora``). It supplies what the adapter adds to the output and,
+for merging, a per-output-feature factor f: the merge then writes W′ = round(f ⊙ (W0 + ΔW)), the record
+keeps f, and unmerge corrects round(W′/f − ΔW) to W0 with the same ULP mechanism.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from . import dora
 
 if TYPE_CHECKING:
     from ..mixed import BatchPlan
@@ -46,6 +53,8 @@ class LoraLayer(nn.Module):
     """
 
     adapter_param_names: tuple[str, ...] = ("lora_A", "lora_B")
+    supports_dora = False
+    """Whether ``update_layer(..., use_dora=True)`` is allowed (see ``lorakit.layers.dora``)."""
     base_layer: Any  # the wrapped module; typed loosely because its kind varies (Linear, Conv1D, …)
     lora_A: Any
     lora_B: Any
@@ -68,6 +77,8 @@ class LoraLayer(nn.Module):
         self.batch_plan: BatchPlan | None = None
         # adapter name -> ULP correction restoring W0 bit-exactly on unmerge (see module docstring).
         self._unmerge_residual: dict[str, UlpResidual] = {}
+        # adapter name -> how it departs from plain LoRA (DoRA); absent for plain LoRA adapters.
+        self.lora_variant: dict[str, dora.Dora] = {}
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -116,8 +127,12 @@ class LoraLayer(nn.Module):
         lora_dropout: float,
         init_lora_weights: bool | str,
         use_rslora: bool,
+        use_dora: bool = False,
     ) -> None:
-        """Create adapter ``adapter_name`` with rank r, initialised per ``init_lora_weights``."""
+        """Create adapter ``adapter_name`` with rank r, initialised per ``init_lora_weights`` (with a DoRA
+        magnitude if ``use_dora``)."""
+        if use_dora:
+            dora.check_supported(self)  # before anything changes
         self.r[adapter_name] = r
         self._live = None
         self.lora_alpha[adapter_name] = lora_alpha
@@ -131,6 +146,8 @@ class LoraLayer(nn.Module):
         dtype = weight.dtype if weight.dtype == torch.float64 else torch.float32
         for attr in self.adapter_param_names:
             container = getattr(self, attr)
+            if adapter_name not in container:  # e.g. no DoRA magnitude: created below if asked for
+                continue
             item = container[adapter_name]
             created_on_meta = any(t.is_meta for t in (item.parameters() if isinstance(item, nn.Module) else [item]))
             if created_on_meta and not weight.is_meta:  # lorakit.inject.uninitialised_factors: allocate only
@@ -142,6 +159,10 @@ class LoraLayer(nn.Module):
                 container[adapter_name] = nn.Parameter(item.detach().to(device=weight.device, dtype=dtype))
         if init_lora_weights in ("pissa", "olora"):
             self._init_from_base_weight(adapter_name, init_lora_weights)
+        if use_dora:  # m from the initialised factors (and the PiSSA/OLoRA-adjusted W0), as PEFT
+            variant = dora.Dora()
+            variant.init(self, adapter_name)
+            self.lora_variant[adapter_name] = variant
 
     def _create_factors(self, adapter_name: str, r: int) -> None:
         raise NotImplementedError(f"{type(self).__name__} must implement _create_factors")
@@ -176,7 +197,7 @@ class LoraLayer(nn.Module):
             container = getattr(self, attr)
             if adapter_name in container:
                 del container[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_variant):
             table.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]  # also resets _live
 
@@ -196,6 +217,14 @@ class LoraLayer(nn.Module):
     def lora_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """s·B·A·dropout(x) for input x (the LoRA branch alone), in the adapter's dtype."""
         raise NotImplementedError(f"{type(self).__name__} must implement lora_output")
+
+    def adapter_output(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor) -> torch.Tensor:
+        """What adapter ``adapter_name`` adds to ``result`` (the output so far): s·B·A·dropout(x) for plain
+        LoRA, its variant's term otherwise."""
+        variant = self.lora_variant.get(adapter_name)
+        if variant is None:
+            return self.lora_output(x, adapter_name).to(result.dtype)
+        return variant.output(self, adapter_name, x, result)
 
     def _adapter_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a = self.factors(adapter_name)[0]
@@ -220,7 +249,7 @@ class LoraLayer(nn.Module):
                 return fused
         result = self.base_layer(x, *args, **kwargs)
         for name in live:
-            result = result + self.lora_output(x, name).to(result.dtype)
+            result = result + self.adapter_output(x, name, result)
         return result
 
     def _fused_forward(self, x: torch.Tensor, live: list[str]) -> torch.Tensor | None:
@@ -237,17 +266,24 @@ class LoraLayer(nn.Module):
         block stay in cache instead of making ~10 passes over the whole weight in memory).
         ``for_unload`` (``merge_and_unload``): the layer is about to be discarded, so no unmerge record is
         kept (the merged weight is bit-identical; the record's passes are skipped) and unmerge is refused.
+        A variant's factor (DoRA's m/‖W0 + ΔW‖) is computed from the unmerged W0 before any weight changes.
         """
-        for name in adapter_names if adapter_names is not None else self.active_adapters:
-            if name in self.merged_adapters or name not in self.r:
-                continue
+        requested = adapter_names if adapter_names is not None else self.active_adapters
+        names = [n for n in dict.fromkeys(requested) if n not in self.merged_adapters and n in self.r]
+        scales: dict[str, torch.Tensor] = {}
+        if any(n in self.lora_variant for n in names):
+            base_weight = self.unmerged_weight()
+            scales = {n: self.lora_variant[n].merge_scale(self, n, base_weight) for n in names
+                      if n in self.lora_variant}
+        for name in names:
             weight = self.base_layer.weight
             data = weight.data if weight.data.is_contiguous() else weight.data.contiguous()
             matrix = data.view(data.shape[0], -1)
+            scale = scales.get(name)
             if for_unload:
-                _merge_in_place_without_record(matrix, self._delta_blocks(name, matrix))
+                _merge_in_place_without_record(matrix, self._delta_blocks(name, matrix), scale)
             else:
-                self._unmerge_residual[name] = _merge_in_place(matrix, self._delta_blocks(name, matrix))
+                self._unmerge_residual[name] = _merge_in_place(matrix, self._delta_blocks(name, matrix), scale)
             if data is not weight.data:
                 weight.data = data
             self.merged_adapters.append(name)
@@ -323,6 +359,7 @@ class UlpResidual:
     diff: torch.Tensor
     index: torch.Tensor
     value: torch.Tensor
+    scale: torch.Tensor | None = None  # a variant's factor f (broadcast over the (rows, -1) weight), or None
 
 
 def _int_view(dtype: torch.dtype) -> torch.dtype:
@@ -332,8 +369,10 @@ def _int_view(dtype: torch.dtype) -> torch.dtype:
     return int_dtype
 
 
-def _merge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]]) -> UlpResidual:
-    """matrix ← round(matrix + ΔW) block by block; returns what ``_unmerge_in_place`` needs to undo it.
+def _merge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]],
+                    scale: torch.Tensor | None = None) -> UlpResidual:
+    """matrix ← round(matrix + ΔW) block by block (round(f ⊙ (matrix + ΔW)) with a variant's ``scale`` f);
+    returns what ``_unmerge_in_place`` needs to undo it.
 
     Per block: W′ = round(W0 + ΔW), E = round(W′ − ΔW) (what unmerging computes), d = bits(W0) − bits(E)
     in the weight's integer view. Integer arithmetic wraps, so bits(E) + d = bits(W0) whatever the signs;
@@ -350,8 +389,12 @@ def _merge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch
         w0 = matrix[start:stop]
         if merged is None or merged.shape != w0.shape:  # one buffer reused by every block
             merged = torch.empty_like(w0)
-        _rounded_sum(w0, delta, out=merged)
-        if delta.dtype == matrix.dtype:  # fp32 (fp64) weights: no casts
+        block_scale = _block_scale(scale, start, stop)
+        _rounded_sum(w0, delta, out=merged, scale=block_scale)
+        if block_scale is not None:  # E = round(W′/f − ΔW), computed as unmerging will
+            estimate = _scaled_estimate(merged, delta, block_scale)
+            d = w0.view(int_dtype) - estimate.view(int_dtype)
+        elif delta.dtype == matrix.dtype:  # fp32 (fp64) weights: no casts
             estimate = torch.sub(merged, delta, out=delta)  # ΔW is not needed again: E goes in its memory
             d = torch.sub(w0.view(int_dtype), estimate.view(int_dtype), out=estimate.view(int_dtype))
         else:  # bf16/fp16 weights, fp32 ΔW: round to the weight's dtype at each step
@@ -369,22 +412,40 @@ def _merge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch
     device = matrix.device
     return UlpResidual(diff,
                        torch.cat(index) if index else torch.empty(0, dtype=torch.long, device=device),
-                       torch.cat(value) if value else matrix.new_empty(0))
+                       torch.cat(value) if value else matrix.new_empty(0), scale)
 
 
-def _rounded_sum(w0: torch.Tensor, delta: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out ← W′ = round(W0 + ΔW) in the weight's dtype (out may be w0 itself). The one formula for W′, so
-    both merges write bit-identical weights; a bf16/fp16 weight is summed with the fp32 ΔW in fp32, rounded once."""
+def _block_scale(scale: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    """The rows [start, stop) of a per-row factor (d, 1); a per-column one (1, d) applies to every block."""
+    if scale is None or scale.shape[0] == 1:
+        return scale
+    return scale[start:stop]
+
+
+def _rounded_sum(w0: torch.Tensor, delta: torch.Tensor, out: torch.Tensor,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
+    """out ← W′ = round(W0 + ΔW) (round(f ⊙ (W0 + ΔW)) with ``scale`` f) in the weight's dtype (out may be
+    w0 itself). The one formula for W′, so both merges write bit-identical weights; a bf16/fp16 weight is
+    summed with the fp32 ΔW in fp32, rounded once."""
+    if scale is not None:
+        return out.copy_(w0.to(delta.dtype).add(delta).mul_(scale))
     if delta.dtype == w0.dtype:
         return torch.add(w0, delta, out=out)
     return out.copy_(w0.to(delta.dtype).add_(delta))
 
 
-def _merge_in_place_without_record(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]]) -> None:
-    """matrix ← round(matrix + ΔW), as ``_merge_in_place`` computes it, without the unmerge record."""
+def _scaled_estimate(merged: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """E = round(W′/f − ΔW) in the weight's dtype: the one formula merge and unmerge both use for it."""
+    return (merged.to(delta.dtype) / scale - delta).to(merged.dtype)
+
+
+def _merge_in_place_without_record(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]],
+                                   scale: torch.Tensor | None = None) -> None:
+    """matrix ← round(matrix + ΔW) (or the scaled form), as ``_merge_in_place`` computes it, without the
+    unmerge record."""
     for start, stop, delta in blocks:
         w0 = matrix[start:stop]
-        _rounded_sum(w0, delta, out=w0)
+        _rounded_sum(w0, delta, out=w0, scale=_block_scale(scale, start, stop))
 
 
 def _unmerge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, torch.Tensor]],
@@ -392,9 +453,13 @@ def _unmerge_in_place(matrix: torch.Tensor, blocks: Iterator[tuple[int, int, tor
     """matrix ← W0, bit for bit: round(matrix − ΔW) corrected by the stored ULP differences."""
     int_dtype = _int_view(matrix.dtype)
     diff = residual.diff.to(matrix.device)
+    scale = None if residual.scale is None else residual.scale.to(matrix.device)
     for start, stop, delta in blocks:
         w = matrix[start:stop]
-        if delta.dtype == matrix.dtype:
+        block_scale = _block_scale(scale, start, stop)
+        if block_scale is not None:
+            estimate = _scaled_estimate(w, delta, block_scale)
+        elif delta.dtype == matrix.dtype:
             estimate = torch.sub(w, delta, out=delta)  # the same E as the merge computed (in ΔW's memory)
         else:
             estimate = (w.to(delta.dtype) - delta).to(matrix.dtype)

@@ -16,8 +16,11 @@ class Linear(LoraLayer):
 
     Shapes: x (..., k) → y (..., d); ``lora_A[name]`` is ``nn.Linear(k, r)`` (weight r×k) and
     ``lora_B[name]`` is ``nn.Linear(r, d)`` (weight d×r), PEFT's layout, so state-dict keys match PEFT's.
+    A DoRA adapter also has ``lora_magnitude_vector[name]`` (d,) (see ``lorakit.layers.dora``).
     """
 
+    adapter_param_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    supports_dora = True
     fan_in_fan_out = False
     """True when the base weight is stored (in, out), as GPT-2's Conv1D does."""
 
@@ -25,6 +28,7 @@ class Linear(LoraLayer):
         super().__init__(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only
         # The fused path recomputes the base matmul itself, so only for base kinds whose forward it knows.
         self._fusable_base = self._is_fusable_base(base_layer)
 
@@ -72,6 +76,10 @@ class Linear(LoraLayer):
         # The hot path of every adapted layer (a decode step runs it ~50 times for ~10 µs of kernels), so
         # submodules and parameters are read from the dicts nn.Module keeps them in: each
         # nn.Module.__getattr__ is a Python call, and a layer would otherwise make about ten of them.
+        variants = self.lora_variant
+        if variants and not variants.keys().isdisjoint(live):
+            # A variant (DoRA) changes the whole output: its own kernel, for one live adapter.
+            return variants[live[0]].fused_forward(self, live[0], x) if len(live) == 1 else None
         modules: dict[str, Any] = self._modules
         base = modules["base_layer"]
         if not (self._fusable_base and ops.fused_enabled()) or ops.has_hooks(base):

@@ -350,7 +350,7 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
     if targets == ["all-linear"]:
         targets = "all-linear"
     config = LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                        target_modules=targets, task_type="CAUSAL_LM",
+                        target_modules=targets, task_type="CAUSAL_LM", use_dora=opts.use_dora,
                         base_model_name_or_path=str(opts.model or "SmolLM2-135M-Instruct"))
     peft = get_peft_model(model, config)
     runtime.seed_per_rank(opts.seed)

@@ -87,6 +87,8 @@ class TrainOptions:
     """torch.set_num_threads (None: torch's default)."""
     progress: bool = True
     """Show progress bars."""
+    use_dora: bool = False
+    """Train DoRA adapters (a trainable magnitude per output feature, Liu et al. 2024; Linear/Conv1D targets)."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +117,8 @@ class TrainOptions:
             raise ValueError("--weight-decay and --max-grad-norm must be ≥ 0.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule={self.schedule!r} is invalid: use one of {', '.join(SCHEDULES)}.")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"--use-dora={self.use_dora!r} is invalid: use true or false.")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype={self.dtype!r} is invalid: use one of {', '.join(DTYPES)}.")
         if isinstance(self.target_modules, str):
