@@ -109,3 +109,50 @@ def engine(serve_dirs: tuple[Path, Path]) -> Iterator[Any]:
     eng.start()
     yield eng
     eng.stop()
+
+
+API_KEY = "test-key-123"
+
+
+def copy_adapter(adapters: Path, name: str, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(adapters / name, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def http_root(serve_dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An adapter root: a0, a1, a2 served at start; spare/ (no config, so not discovered) holds a3, a4 and
+    bad adapters: one trained on another base (fingerprint), one with truncated weights, one non-adapter."""
+    model_dir, adapters = serve_dirs
+    root = tmp_path_factory.mktemp("http_root")
+    for name in ("a0", "a1", "a2"):
+        copy_adapter(adapters, name, root / name)
+    spare = root / "spare"
+    spare.mkdir()
+    for name in ("a3", "a4"):
+        copy_adapter(adapters, name, spare / name)
+    torch.manual_seed(99)
+    other = get_peft_model(make_serve_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(other)
+    other.save_pretrained(str(spare / "fingerprint"))
+    corrupt = copy_adapter(adapters, "a0", spare / "corrupt")
+    weights = corrupt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    (spare / "notadapter").mkdir()
+    (spare / "notadapter" / "readme.txt").write_text("not an adapter")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(serve_dirs: tuple[Path, Path], http_root: Path) -> Iterator[Any]:
+    """A real server on a free loopback port: the tiny model, a0–a2, an API key, max_model_len 128."""
+    from lorakit.serve.options import ServeOptions, build
+    from lorakit.serve.server import ServerThread
+
+    app, engine = build(ServeOptions(model=serve_dirs[0], adapter_dirs=[http_root], api_key=API_KEY,
+                                     max_model_len=128, port=0))
+    with ServerThread(app) as thread:
+        thread.engine = engine  # type: ignore[attr-defined]
+        yield thread

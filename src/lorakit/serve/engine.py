@@ -52,6 +52,7 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    error_status: int = 0  # with finish_reason "error": 400 (the request's adapter failed to load) or 500
 
 
 Sink = Callable[[Output], None]
@@ -233,7 +234,7 @@ class Engine:
                     self._step()
                 except Exception as exc:  # a bug or an out-of-memory: fail this batch, keep serving
                     for seq in list(self._running):
-                        self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}")
+                        self._finish(seq, "error", error=f"{type(exc).__name__}: {exc}", error_status=500)
             self.registry.collect()
         with self._cond:
             left = list(self._running) + list(self._waiting)
@@ -277,7 +278,7 @@ class Engine:
                 except (UnknownAdapterError, ValueError, OSError) as exc:
                     with self._cond:
                         self._waiting.remove(seq)
-                    self._finish(seq, "error", error=str(exc))
+                    self._finish(seq, "error", error=str(exc), error_status=400)
                     continue
                 needed.add(name)
                 self.registry.start_running(name)
@@ -360,7 +361,7 @@ class Engine:
         return logits.float()
 
     def _finish(self, seq: _Sequence, reason: str, text: str = "", token: int | None = None,
-                error: str | None = None) -> None:
+                error: str | None = None, error_status: int = 0) -> None:
         if seq in self._running:
             with self._cond:
                 self._running.remove(seq)
@@ -373,7 +374,7 @@ class Engine:
         if self.metrics is not None:
             self.metrics.observe_finish(seq.request.adapter, reason, len(seq.request.prompt_ids), seq.generated)
         seq.sink(Output(text, [] if token is None else [token], reason, len(seq.request.prompt_ids),
-                        seq.generated, error))
+                        seq.generated, error, error_status))
 
     def _report_queue(self) -> None:
         if self.metrics is not None:
