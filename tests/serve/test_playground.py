@@ -11,7 +11,6 @@ import shutil
 import socket
 import subprocess
 import time
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
