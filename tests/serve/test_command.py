@@ -73,3 +73,42 @@ def test_the_command_serves_on_loopback(serve_dirs: tuple[Path, Path], http_root
         proc.terminate()
         out, _ = proc.communicate(timeout=60)
     assert "lorakit serve: http://127.0.0.1:" in out
+
+
+
+def test_gpt2_passes_the_start_check_and_serves_its_own_greedy_tokens(tmp_path: Path) -> None:
+    import torch
+    from conftest import save_tiny_model_dir
+
+    from lorakit.serve.engine import Request
+    from lorakit.serve.options import ServeOptions, build
+    from lorakit.serve.sampling import SamplingParams
+
+    from .test_engine import Collector
+
+    model_dir = Path(str(save_tiny_model_dir(tmp_path / "gpt2", arch="gpt2")))
+    _, engine = build(ServeOptions(model=model_dir))  # runs Engine.check_model
+    engine.eos_ids.clear()
+    engine.start()
+    try:
+        for prompt in ([5, 6, 7], [9] * 12):
+            sink = Collector()
+            engine.submit(Request(prompt, None, SamplingParams(max_tokens=8, temperature=0)), sink)
+            sink.result()
+            with torch.no_grad():
+                expected = engine.registry.base.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                                         min_new_tokens=8, pad_token_id=0)[0, len(prompt):].tolist()
+            assert sink.tokens == expected
+    finally:
+        engine.stop()
+
+
+def test_a_model_the_row_layout_breaks_is_refused_at_start(serve_dirs: tuple[Path, Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from lorakit.serve.engine import Engine
+    from lorakit.serve.options import ServeOptions, build
+
+    real = Engine._forward
+    monkeypatch.setattr(Engine, "_forward", lambda self, *a: real(self, *a) + 1.0)  # as if attention were wrong
+    with pytest.raises(ValueError, match="does not support model_type='llama'.*differ from its own forward"):
+        build(ServeOptions(model=serve_dirs[0]))

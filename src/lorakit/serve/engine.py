@@ -213,6 +213,37 @@ class Engine:
                     "free_slots": self.max_batch_size - len(self._running),
                     "cache_bytes": sum(s.cache.nbytes() for s in self._running)}
 
+    def check_model(self) -> None:
+        """Run a 4-token prompt through the engine's path and the model's own forward; refuse the model if
+        the logits differ (an architecture whose attention does not go through ``Cache.update`` and
+        transformers' attention interface). Call before ``start``.
+
+        Raises:
+            ValueError: the architecture is not supported (names ``model_type``).
+        """
+        lm = self.registry.base
+        ids = [1, 2, 3, 4]
+        cache = SequenceCache(capacity=len(ids))
+        try:
+            with torch.no_grad():
+                ours = self._forward(ids, list(range(len(ids))), [BASE_ROW] * len(ids),
+                                     [Segment(cache, 0, len(ids))])[0]
+                if self.registry.peft is not None:
+                    with self.registry.peft.disable_adapter():
+                        reference = lm(input_ids=torch.tensor([ids], device=self._device)).logits[0, -1].float()
+                else:
+                    reference = lm(input_ids=torch.tensor([ids], device=self._device)).logits[0, -1].float()
+            same = torch.allclose(ours, reference, rtol=1e-3, atol=1e-3 * float(reference.abs().max()))
+        except Exception as exc:  # the row layout broke the model's forward
+            same, reason = False, f"{type(exc).__name__}: {exc}"
+        else:
+            reason = "its logits through per-sequence caches differ from its own forward"
+        if not same:
+            model_type = getattr(lm.config, "model_type", type(lm).__name__)
+            raise ValueError(f"lorakit serve does not support model_type={model_type!r} ({reason}); it needs a "
+                             "decoder whose attention calls Cache.update and transformers' attention interface "
+                             "(Llama-style).")
+
     # ------------------------------------------------------------------ worker thread
     def _wake(self) -> None:
         with self._cond:

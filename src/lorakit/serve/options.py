@@ -99,4 +99,5 @@ def build(options: ServeOptions) -> tuple[Any, Any]:
     metrics = ServeMetrics()
     engine = Engine(registry, tokenizer, max_batch_size=options.max_batch_size, max_queue=options.max_queue,
                     max_model_len=options.max_model_len, metrics=metrics)
+    engine.check_model()
     return create_app(engine, base_name, metrics, options.api_key), engine
