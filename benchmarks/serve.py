@@ -4,7 +4,7 @@
 
 Requests go straight into the serving engine (``lorakit.serve.engine``, built by the same
 ``lorakit.serve.options.build`` the CLI uses) — no HTTP, which would cost both servers alike. Each
-workload is 32 concurrent greedy requests (a 32-token prompt each, ``max_tokens`` generated, EOS ignored
+workload is 32 concurrent greedy requests (a 16-token prompt each, ``max_tokens`` generated, EOS ignored
 so every request generates exactly that many) submitted at once:
 
 - ``32 adapters``: each request on its own adapter (uniform); ``Zipf``: adapters drawn Zipf(1.1)-skewed;
@@ -49,7 +49,7 @@ from .common import (
 
 N_ADAPTERS = 32
 CONCURRENCY = 32
-PROMPT_TOKENS = 32
+PROMPT_TOKENS = 16
 NAIVE_REQUESTS = 8
 
 
@@ -188,7 +188,7 @@ def run(setup: Setup, only: set[str] | None = None) -> list[Result]:
 
     from lorakit.serve.options import ServeOptions, build
 
-    max_tokens = 8 if setup.quick else 24
+    max_tokens = 8 if setup.quick else 16
     tmp = tempfile.TemporaryDirectory()
     root = Path(tmp.name)
     model_dir, _ = _model_dir(setup, root)
