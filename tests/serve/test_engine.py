@@ -183,3 +183,30 @@ def test_unload_lets_running_requests_finish(engine: Any) -> None:
     while "a4" in engine.registry.loaded_names() and time.monotonic() < deadline:
         engine.call(lambda: None).result(timeout=30)
     assert "a4" not in engine.registry.loaded_names()
+
+
+def test_unloaded_while_queued_and_evicted_still_finishes(serve_dirs: tuple[Path, Path]) -> None:
+    """max 1 loaded: a1's request waits while a0 runs; a1 is unloaded meanwhile — the accepted request is
+    still served (a1 is loaded from its directory once a0 is idle), then a1 is gone."""
+    model_dir, adapters = serve_dirs
+    eng = make_engine(model_dir, adapters, ["a0"], max_loaded=1, max_batch_size=8)
+    eng.registry.register("a1", eng.registry.check_path(adapters / "a1"))
+    eng.eos_ids.clear()
+    gate = threading.Event()
+    eng.start()
+    try:
+        eng.call(gate.wait)
+        first, second = Collector(), Collector()
+        eng.submit(Request(list(b"first"), "a0", SamplingParams(max_tokens=20, temperature=0), "first"), first)
+        eng.submit(Request(list(b"second"), "a1", SamplingParams(max_tokens=5, temperature=0), "second"), second)
+        assert eng.registry.unregister("a1") == 1
+        gate.set()
+        assert first.result().finish_reason == "length"
+        assert second.result().finish_reason == "length" and len(second.tokens) == 5
+        eng.call(lambda: None).result(timeout=30)
+        assert "a1" not in eng.registry.loaded_names() and eng.registry.names() == ["a0"]
+        # a0 ran alone first: a1 could only load once a0's sequence had finished
+        ran = [{rid for rid, _, _ in step.rows} for step in eng.trace]
+        assert {"first"} in ran and {"second"} in ran and {"first", "second"} not in ran
+    finally:
+        eng.stop()

@@ -278,21 +278,20 @@ def test_queue_full_is_429(serve_dirs: tuple[Path, Path]) -> None:
     from lorakit.serve.options import ServeOptions, build
     from lorakit.serve.server import ServerThread
 
-    app, engine = build(ServeOptions(model=serve_dirs[0], max_batch_size=1, max_queue=1, port=0))
-    engine.eos_ids.clear()  # the busy request must not end early at an EOS
-    with ServerThread(app) as thread, httpx.Client(base_url=thread.url, timeout=60) as client, \
-            client.stream("POST", "/v1/completions", json={"model": BASE, "prompt": "busy", "max_tokens": 200,
-                                                           "stream": True, "temperature": 0}) as running:
-        next(running.iter_lines())  # the one slot is taken
+    app, engine = build(ServeOptions(model=serve_dirs[0], max_queue=1, port=0))
+    with ServerThread(app) as thread, httpx.Client(base_url=thread.url, timeout=60) as client:
+        gate = threading.Event()
+        engine.call(gate.wait)  # hold the worker between two steps: nothing leaves the queue meanwhile
         waiting = threading.Thread(target=client.post, args=("/v1/completions",),
                                    kwargs={"json": {"model": BASE, "prompt": "wait", "max_tokens": 2}})
         waiting.start()
         deadline = time.monotonic() + 30
         while engine.stats()["waiting"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert engine.stats()["waiting"] == 1
         r = client.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 2})
         _error(r, 429, "--max-queue=1")
-        running.close()
+        gate.set()
         waiting.join(timeout=60)
         r = client.post("/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": 2})
         assert r.status_code == 200

@@ -58,7 +58,7 @@ class AdapterRegistry:
         self._loaded: OrderedDict[str, None] = OrderedDict()  # LRU order: first = least recently used
         self._refs: dict[str, int] = {}  # requests accepted and not finished, per adapter
         self._running: dict[str, int] = {}  # sequences in the running batch, per adapter
-        self._draining: set[str] = set()  # unregistered, still referenced: deleted when refs reach 0
+        self._draining: dict[str, Path] = {}  # unregistered, still referenced: deleted when refs reach 0
         self._lock = threading.Lock()
         self.loads = 0  # loads done (a reload after eviction counts), for tests and metrics
         self.evictions = 0
@@ -142,8 +142,7 @@ class AdapterRegistry:
         with self._lock:
             if name not in self._known:
                 raise UnknownAdapterError(name, sorted(self._known))
-            del self._known[name]
-            self._draining.add(name)
+            self._draining[name] = self._known.pop(name)
             return self._refs.get(name, 0)
 
     # ------------------------------------------------------------------ the model (worker thread only)
@@ -164,8 +163,8 @@ class AdapterRegistry:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
                 return True
-            path = self._known.get(name)
-            if path is None:  # unloaded while queued: only its draining copy could serve it, and it is gone
+            path = self._known.get(name) or self._draining.get(name)  # unloaded while queued: still served
+            if path is None:
                 raise UnknownAdapterError(name, sorted(self._known))
         if self.max_loaded is not None and len(self._loaded) >= self.max_loaded and not self._evict(keep | {name}):
             return False
@@ -188,7 +187,7 @@ class AdapterRegistry:
             if name in self._loaded:
                 self._delete_from_model(name)
             with self._lock:
-                self._draining.discard(name)
+                self._draining.pop(name, None)
                 self._refs.pop(name, None)
 
     def _evict(self, keep: set[str]) -> bool:
