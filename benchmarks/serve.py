@@ -53,14 +53,14 @@ PROMPT_TOKENS = 16
 NAIVE_REQUESTS = 8
 
 
-def _model_dir(setup: Setup, root: Path) -> tuple[Path, Any]:
+def _model_dir(setup: Setup, root: Path) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from lorakit.train.defaults import ensure_default_model
 
     smol = ensure_default_model()
     if not setup.quick:
-        return smol, None
+        return smol
     tokenizer = AutoTokenizer.from_pretrained(smol)
     config = LlamaConfig(num_hidden_layers=4, hidden_size=256, intermediate_size=512, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
@@ -69,7 +69,7 @@ def _model_dir(setup: Setup, root: Path) -> tuple[Path, Any]:
     path = root / "quick-llama"
     LlamaForCausalLM(config).save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
-    return path, None
+    return path
 
 
 def _save_adapters(model_dir: Path, root: Path) -> Path:
@@ -169,11 +169,10 @@ def _attention_companion(engine: Any) -> None:
     mask = torch.full((CONCURRENCY, 1, 1, longest), float("-inf"))
     for i, length in enumerate(lengths):
         mask[i, :, :, :length + 1] = 0
-    padded_q = query
 
     times = interleave({
         "rows": lambda: rows_attention(module, query, None, None, None, scaling=dim ** -0.5, row_cache=rows),
-        "padded": lambda: sdpa_attention_forward(module, padded_q, keys, values, mask, scaling=dim ** -0.5),
+        "padded": lambda: sdpa_attention_forward(module, query, keys, values, mask, scaling=dim ** -0.5),
     }, rounds=5)
     rows_ms, padded_ms = statistics.median(times["rows"]) * 1e3, statistics.median(times["padded"]) * 1e3
     note(f"KV design, one layer's decode attention for 32 sequences (lengths 33–96): per-sequence caches "
@@ -191,7 +190,7 @@ def run(setup: Setup, only: set[str] | None = None) -> list[Result]:
     max_tokens = 8 if setup.quick else 16
     tmp = tempfile.TemporaryDirectory()
     root = Path(tmp.name)
-    model_dir, _ = _model_dir(setup, root)
+    model_dir = _model_dir(setup, root)
     adapters = _save_adapters(model_dir, root)
     _, engine = build(ServeOptions(model=model_dir, adapter_dirs=[adapters], max_batch_size=CONCURRENCY))
     engine.eos_ids.clear()  # every request generates exactly max_tokens
