@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from . import dora, forward, mixed_batch, train_step
+from . import dora, forward, mixed_batch, serve, train_step
 from .common import HEADER, Result, add_arguments, configure
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     print(setup.describe())
     print(HEADER)
     results: list[Result] = []
-    for module in (train_step, forward, mixed_batch, dora):
+    for module in (train_step, forward, mixed_batch, dora, serve):
         results += module.run(setup, only)
     passed = sum(r.passed for r in results)
     print(f"{passed}/{len(results)} goals met in {time.perf_counter() - start:.0f} s "
