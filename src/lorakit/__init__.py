@@ -10,6 +10,7 @@ from .errors import LorakitWarning
 from .io import load_adapter_weights, save_adapter_weights
 from .layers.base import BASE_ROW
 from .model import PeftModel, get_peft_model
+from .optim import create_loraplus_optimizer
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "load_adapter_weights",
     "save_adapter_weights",
     "__version__",
+    "create_loraplus_optimizer",
 ]
