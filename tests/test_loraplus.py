@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_gpt2, make_llama
 from torch import nn
 
 from lorakit import LoraConfig, create_loraplus_optimizer, get_peft_model
-
-from conftest import make_gpt2, make_llama
 
 CONFIGS = {
     # GPT-2: LayerNorms (no decay), biases, an Embedding adapter (its own lr), modules_to_save.
