@@ -365,9 +365,12 @@ class PeftModel(nn.Module):
         While merged, forward costs exactly the base forward. ``unmerge_adapter`` restores W0 bit-exactly
         (see ``lorakit.layers.base`` for the mechanism and its memory cost: 1 byte per merged weight element).
         """
+        from .quant import require_full_precision
+
         names = self._active if adapter_names is None else list(adapter_names)
         for name in names:
             self._require_adapter(name)
+        require_full_precision(self.base_model.model, "merge_adapter")
         for layer in self._lora_layers():
             layer.merge([n for n in names if n in layer.r])
 
@@ -377,8 +380,13 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters and return the plain base model with no lorakit module left."""
-        return replace_with_base(self.base_model.model, merge=True)
+        """Merge the active adapters and return the plain base model with no lorakit module left.
+
+        A quantized base (``lorakit.quant``) is dequantized first: the result is a full-precision model.
+        """
+        from .quant import dequantize_model
+
+        return replace_with_base(dequantize_model(self.base_model.model), merge=True)
 
     def unload(self) -> nn.Module:
         """Return the plain base model, weights untouched (merged adapters are unmerged first)."""

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..quant import QUANT_TYPES
+
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -87,6 +89,11 @@ class TrainOptions:
     """torch.set_num_threads (None: torch's default)."""
     progress: bool = True
     """Show progress bars."""
+    quantize: str | None = None
+    """Quantize the frozen base's linear layers (QLoRA): nf4 or int8 (needs pip install 'lorakit[quant]');
+    None: full precision."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: train the B factors at lr × this ratio (16 is typical); None: one lr for all."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +124,14 @@ class TrainOptions:
             raise ValueError(f"--schedule={self.schedule!r} is invalid: use one of {', '.join(SCHEDULES)}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype={self.dtype!r} is invalid: use one of {', '.join(DTYPES)}.")
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise ValueError(f"--quantize={self.quantize!r} is invalid: use one of {', '.join(QUANT_TYPES)} "
+                             "(or leave it unset for a full-precision base).")
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not (math.isfinite(ratio) and ratio > 0)):
+            raise ValueError(f"--loraplus-lr-ratio={ratio!r} is invalid: use a positive number such as 16 "
+                             "(the B factors' learning rate is lr × ratio), or leave it unset.")
         if isinstance(self.target_modules, str):
             self.target_modules = [t for t in self.target_modules.split(",") if t]
         if self.target_modules is not None and not self.target_modules:
