@@ -25,7 +25,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import HEADER, Result, Setup, add_arguments, configure, interleave, median_ratio, note, print_result
+from .common import (
+    HEADER,
+    Result,
+    Setup,
+    add_arguments,
+    configure,
+    interleave,
+    median_ratio,
+    note,
+    print_result,
+)
 
 SMOLLM2 = dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152)
