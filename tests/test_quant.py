@@ -221,3 +221,31 @@ def test_cuda_forward_and_backward(quant_type: str) -> None:
     assert {n for n, p in peft.named_parameters() if p.grad is not None} == _lora_names(peft)
     layer = peft.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert layer.qweight.is_cuda and layer.dequantize().is_cuda
+
+
+@pytest.mark.slow
+def test_lorakit_train_with_quantize_and_loraplus(tmp_path: Path) -> None:
+    """`lorakit train --quantize nf4 --loraplus-lr-ratio 16` end to end on a tiny Llama: the adapter it
+    writes loads onto the full-precision model directory it was trained from."""
+    import json
+
+    from conftest import save_tiny_model_dir
+
+    from lorakit.cli import main
+
+    model_dir = Path(str(save_tiny_model_dir(tmp_path / "model")))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"is {w} short ->", "completion": " Y" if len(w) < 4 else " N"})
+                            + "\n" for w in ["cat", "bird", "sun", "lamp", "sky", "rose"] * 4))
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--max-steps", "4",
+                 "--no-progress", "--samples", "0", "--quantize", "nf4", "--loraplus-lr-ratio", "16",
+                 "--target-modules", "all-linear"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["quantize"] == "nf4" and summary["options"]["loraplus_lr_ratio"] == 16
+    from lorakit.train.loop import load_causal_lm
+
+    base, _ = load_causal_lm(model_dir)
+    loaded = PeftModel.from_pretrained(base, out / "adapter")  # fingerprint: the full-precision base
+    assert not any(isinstance(m, QuantizedLinear) for m in loaded.modules())
