@@ -158,8 +158,8 @@ class QuantizedLinear(nn.Linear):
         self.register_buffer("qweight", packed)
         self.bias = linear.bias
 
-    @property  # type: ignore[override]
-    def weight(self) -> torch.Tensor:
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
         """deq(Q), (out, in), in the compute dtype: a new tensor on every read."""
         return self.dequantize(self.compute_dtype)
 
@@ -279,7 +279,7 @@ def _quantizable(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if head is None and hasattr(model, "get_base_model"):
-        inner = model.get_base_model()
+        inner = model.get_base_model()  # type: ignore[operator]
         get_head = getattr(inner, "get_output_embeddings", None)
         head = get_head() if callable(get_head) else None
     modules = dict(model.named_modules())
