@@ -675,6 +675,8 @@ QUANT_AND_LORAPLUS_CASES = [
          argv=lambda ws, tmp: train(ws, tmp, "--quantize", "nf4")),
     Case("cli-loraplus-ratio-zero", r"--loraplus-lr-ratio=0.0 is invalid", r"positive number such as 16",
          argv=lambda ws, tmp: train(ws, tmp, "--loraplus-lr-ratio", "0")),
+    Case("cli-quantize-with-fsdp", r"--quantize nf4 with --fsdp is not supported", r"drop --fsdp",
+         argv=lambda ws, tmp: train(ws, tmp, "--quantize", "nf4", "--fsdp")),
     Case("quantize-unknown", r"quantize='fp8' is not a known format", r"nf4, int8", call=_quantize("fp8")),
     Case("quantize-library-missing", r"quantize='int8' needs bitsandbytes", r"pip install 'lorakit\[quant\]'",
          call=_quantize("int8"), error=ImportError),

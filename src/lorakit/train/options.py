@@ -127,6 +127,9 @@ class TrainOptions:
         if self.quantize is not None and self.quantize not in QUANT_TYPES:
             raise ValueError(f"--quantize={self.quantize!r} is invalid: use one of {', '.join(QUANT_TYPES)} "
                              "(or leave it unset for a full-precision base).")
+        if self.quantize is not None and self.fsdp:
+            raise ValueError(f"--quantize {self.quantize} with --fsdp is not supported (FSDP would shard the "
+                             "quantized codes without their scales); drop --fsdp: DDP replicates the quantized base.")
         ratio = self.loraplus_lr_ratio
         if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
                                   or not (math.isfinite(ratio) and ratio > 0)):
