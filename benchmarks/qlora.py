@@ -1,13 +1,14 @@
 """P13, QLoRA: a quantized (NF4) base against the fp32 base, LoRA on all linear layers.
 
-    python -m benchmarks.qlora [--quick] [--threads N] [--pairs N] [--accuracy [--accuracy-steps N]]
+    python -m benchmarks.qlora [--quick] [--threads N] [--pairs N] [--accuracy [--accuracy-steps N]] [--base-accuracy N]
 
 - base linear weight bytes NF4 / fp32: a deterministic count (``lorakit.quant.quantized_weight_bytes``:
   codes + scales + tables of every quantized layer), goal ≤ 0.3; int8 and the whole model beside it;
 - train step (forward + backward + AdamW) on the NF4 base / on the fp32 base, interleaved, median of
   ≥ 5 rounds; reported, and profiled when above 2× (the top ops by self CPU time of one NF4 step);
 - ``--accuracy``: the default ``lorakit train`` task (SmolLM2-135M-Instruct, Rotten Tomatoes) trained
-  twice, fp32 base and ``--quantize nf4``, held-out accuracy difference in points, goal within 2.
+  twice, fp32 base and ``--quantize nf4``, held-out accuracy difference in points, goal within 2;
+- ``--base-accuracy N``: companion, the same task's accuracy of the untrained base, fp32 and NF4.
 
 Model: a randomly initialised Llama with SmolLM2-135M's shapes (30 layers, d=576, MLP 1536, 9 heads,
 3 KV heads, vocab 49152), B8 T128, r=8 α=16 (``--quick``: 2 layers d=256, B4 T32). The output head
@@ -132,12 +133,30 @@ def _accuracy(steps: int | None, threads: int) -> Result:
                   nf4, fp32, nf4 - fp32, "0 +- 2", unit="%")
 
 
+def base_accuracy(eval_size: int, threads: int) -> None:
+    """Companion: the default task's held-out accuracy of the untrained base, fp32 and NF4 (same examples)."""
+    from lorakit.quant import quantize_model
+    from lorakit.train.defaults import ensure_default_model
+    from lorakit.train.loop import evaluate, load_causal_lm, load_task
+    from lorakit.train.options import TrainOptions
+
+    opts = TrainOptions(eval_size=eval_size, threads=threads, progress=False)
+    model, tokenizer = load_causal_lm(ensure_default_model())
+    task = load_task(opts)
+    fp32 = evaluate(model.eval(), tokenizer, task, opts)
+    nf4 = evaluate(quantize_model(copy.deepcopy(model), "nf4"), tokenizer, task, opts)
+    note(f"default task, base without LoRA, n={fp32['n']}: accuracy fp32 {100 * fp32['accuracy']:.1f} %, NF4 "
+         f"{100 * nf4['accuracy']:.1f} % ({100 * (nf4['accuracy'] - fp32['accuracy']):+.1f} points)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--accuracy", action="store_true", help="also train the default task twice (fp32, nf4)")
     parser.add_argument("--accuracy-steps", type=int, default=None, help="optimizer steps of those runs (default: "
                         "the default task's one epoch)")
+    parser.add_argument("--base-accuracy", type=int, default=0, metavar="N",
+                        help="also score the untrained default-task base, fp32 and NF4, on N held-out examples")
     args = parser.parse_args(argv)
     setup = configure(args)
     load = os.getloadavg()
@@ -146,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
           f"all-linear, {setup.threads} thread(s), median of {setup.pairs} interleaved rounds")
     print(HEADER)
     run(setup, args.accuracy, args.accuracy_steps)
+    if args.base_accuracy:
+        base_accuracy(args.base_accuracy, setup.threads)
     return 0
 
 
