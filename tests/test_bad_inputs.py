@@ -661,3 +661,47 @@ def test_save_replaces_links_and_never_writes_through_them(tmp_path: Path) -> No
     assert [p.read_text() for p in sorted(outside.iterdir())] == ["precious", "precious"]
     assert not any(p.is_symlink() for p in directory.iterdir())
     PeftModel.from_pretrained(base, directory)
+
+
+# ------------------------------------------------------------------------------------------------ quantized base, LoRA+
+def _loraplus_optimizer(ws: Workspace, ratio: float) -> tuple[Callable[[], object], nn.Module]:
+    from lorakit import create_loraplus_optimizer
+
+    peft = get_peft_model(ws.base(), LoraConfig(r=2, target_modules=["q_proj"]))
+    return (lambda: create_loraplus_optimizer(peft, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=ratio)), peft
+
+
+def _quantize(quant_type: str) -> Any:
+    from lorakit.quant import quantize_model
+
+    return lib(lambda ws, tmp, base: lambda: quantize_model(base, quant_type), model=True)
+
+
+QUANT_AND_LORAPLUS_CASES = [
+    Case("cli-quantize-unknown", r"--quantize='fp8' is invalid", r"nf4, int8", argv=lambda ws, tmp: train(
+        ws, tmp, "--quantize", "fp8")),
+    Case("cli-quantize-library-missing", r"quantize='nf4' needs bitsandbytes", r"pip install 'lorakit\[quant\]'",
+         argv=lambda ws, tmp: train(ws, tmp, "--quantize", "nf4")),
+    Case("cli-loraplus-ratio-zero", r"--loraplus-lr-ratio=0.0 is invalid", r"positive number such as 16",
+         argv=lambda ws, tmp: train(ws, tmp, "--loraplus-lr-ratio", "0")),
+    Case("cli-quantize-with-fsdp", r"--quantize nf4 with --fsdp is not supported", r"drop --fsdp",
+         argv=lambda ws, tmp: train(ws, tmp, "--quantize", "nf4", "--fsdp")),
+    Case("quantize-unknown", r"quantize='fp8' is not a known format", r"nf4, int8", call=_quantize("fp8")),
+    Case("quantize-library-missing", r"quantize='int8' needs bitsandbytes", r"pip install 'lorakit\[quant\]'",
+         call=_quantize("int8"), error=ImportError),
+    Case("loraplus-ratio-zero", r"loraplus_lr_ratio=0 is invalid", r"positive number",
+         call=lambda ws, tmp: _loraplus_optimizer(ws, 0)),
+    Case("loraplus-ratio-negative", r"loraplus_lr_ratio=-4.0 is invalid", r"positive number",
+         call=lambda ws, tmp: _loraplus_optimizer(ws, -4.0)),
+]
+
+
+@pytest.mark.parametrize("case", QUANT_AND_LORAPLUS_CASES, ids=[case.id for case in QUANT_AND_LORAPLUS_CASES])
+def test_bad_quantize_and_loraplus_input(case: Case, ws: Workspace, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         no_default_model: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The catalogue's contract for --quantize / quantize_model and LoRA+; "library missing" hides
+    bitsandbytes as an environment without the [quant] extra would."""
+    if "library-missing" in case.id:
+        monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+        monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    test_bad_input(case, ws, tmp_path, capsys, no_default_model, monkeypatch)

@@ -10,6 +10,7 @@ from .errors import LorakitWarning
 from .io import load_adapter_weights, save_adapter_weights
 from .layers.base import BASE_ROW
 from .model import PeftModel, get_peft_model
+from .optim import create_loraplus_optimizer
 from .state_dict import get_peft_model_state_dict, set_peft_model_state_dict
 
 __version__ = "0.1.0"
@@ -26,4 +27,5 @@ __all__ = [
     "__version__",
     "get_peft_model_state_dict",
     "set_peft_model_state_dict",
+    "create_loraplus_optimizer",
 ]

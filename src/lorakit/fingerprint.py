@@ -94,10 +94,20 @@ class BaseFingerprint:
         return "same modules and shapes, but different weight values"
 
 
+PER_MODULE_SAMPLES = range(4, 17)
+"""The values k sampled per module can take (k = clamp(512 // n_modules, 4, 16))."""
+
+
+def sample_positions(numel: int, per_module: int) -> torch.Tensor:
+    """Flat positions (int64, CPU) of the ``per_module`` values sampled from a weight of ``numel`` elements."""
+    positions = torch.linspace(0, numel - 1, min(per_module, numel), dtype=torch.float64)
+    return positions.round().long()
+
+
 def fingerprint_weights(named_weights: Iterable[tuple[str, torch.Tensor]]) -> BaseFingerprint:
     """Fingerprint of base weights given as (module name, weight) pairs (any order, any dtype/device)."""
     items = sorted(named_weights, key=lambda item: item[0])
-    per_module = max(4, min(16, 512 // max(len(items), 1)))
+    per_module = max(PER_MODULE_SAMPLES[0], min(PER_MODULE_SAMPLES[-1], 512 // max(len(items), 1)))
     structure = hashlib.sha256()
     samples: list[torch.Tensor] = []
     for name, weight in items:
@@ -105,8 +115,7 @@ def fingerprint_weights(named_weights: Iterable[tuple[str, torch.Tensor]]) -> Ba
         flat = weight.detach().reshape(-1)
         if flat.numel() == 0:
             continue
-        positions = torch.linspace(0, flat.numel() - 1, min(per_module, flat.numel()), dtype=torch.float64)
-        samples.append(flat[positions.round().long().to(flat.device)].to("cpu", torch.float32))
+        samples.append(flat[sample_positions(flat.numel(), per_module).to(flat.device)].to("cpu", torch.float32))
     sample = torch.cat(samples) if samples else torch.empty(0)
     values = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
     return BaseFingerprint(structure.hexdigest()[:16], values, sample)

@@ -510,7 +510,7 @@ class _Payload:
 def adapter_fingerprint(model: PeftModel, adapter_name: str) -> BaseFingerprint:
     """Fingerprint of the (unmerged) base weights under the modules adapter ``adapter_name`` adapts."""
     return fingerprint_weights(
-        (name, module.unmerged_weight())
+        (name, _unmerged_weight(module))
         for name, module in model.base_model.model.named_modules()
         if isinstance(module, LoraLayer) and adapter_name in module.r
     )
@@ -759,6 +759,9 @@ def _base_of(module: nn.Module) -> nn.Module:
 
 
 def _unmerged_weight(module: nn.Module) -> torch.Tensor:
+    fingerprint_weight = getattr(_base_of(module), "fingerprint_weight", None)
+    if fingerprint_weight is not None:  # a quantized base: the values it was quantized from (lorakit.quant)
+        return fingerprint_weight()
     if isinstance(module, LoraLayer):
         return module.unmerged_weight()
     weight = module.weight

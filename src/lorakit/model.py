@@ -547,9 +547,12 @@ class PeftModel(nn.Module):
         ``safe_merge=True`` first computes every merged weight into a copy and refuses (ValueError, weights
         bit-identical) if any would hold NaN or infinity.
         """
+        from .quant import require_full_precision
+
         names = self._active if adapter_names is None else list(adapter_names)
         for name in names:
             self._require_adapter(name)
+        require_full_precision(self.base_model.model, "merge_adapter")
         _check_flag("safe_merge", safe_merge)
         if safe_merge:
             check_merge_is_finite(self.base_model.model, names)
@@ -566,20 +569,24 @@ class PeftModel(nn.Module):
         """Merge ``adapter_names`` (default: the active adapters) and return the plain base model with no
         lorakit module left (a modules_to_save module becomes the active adapter's copy, as in PEFT).
 
+        A quantized base (``lorakit.quant``) is dequantized first: the result is a full-precision model.
+
         Args:
             progressbar: show a tqdm progress bar over the layers.
             safe_merge: check first that no merged weight would hold NaN/inf (ValueError, nothing changed).
             adapter_names: which adapters to merge.
         """
+        from .quant import dequantize_model
+
         names = self._active if adapter_names is None else list(adapter_names)
         for name in names:
             self._require_adapter(name)
         _check_flag("safe_merge", safe_merge)
         _check_flag("progressbar", progressbar)
+        model = dequantize_model(self.base_model.model)
         if safe_merge:
-            check_merge_is_finite(self.base_model.model, names)
-        return replace_with_base(self.base_model.model, merge=True, adapter_names=adapter_names,
-                                 progressbar=progressbar)
+            check_merge_is_finite(model, names)
+        return replace_with_base(model, merge=True, adapter_names=adapter_names, progressbar=progressbar)
 
     def unload(self) -> nn.Module:
         """Return the plain base model, weights untouched (merged adapters are unmerged first)."""

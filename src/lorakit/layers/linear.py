@@ -107,6 +107,9 @@ class Linear(LoraLayer):
 
     def _init_from_base_weight(self, adapter_name: str, init: str) -> None:
         """PiSSA / OLoRA: A, B from the top-r SVD / QR of W0; W0 -= s·B·A so the output is unchanged."""
+        if getattr(self.base_layer, "is_quantized", False):  # its weight is a read-only dequantized copy
+            raise ValueError(f"init_lora_weights={init!r} rewrites W0, which a quantized base cannot store; "
+                             "use init_lora_weights=True, or initialise on the full-precision base before quantizing.")
         a, b = self.factors(adapter_name)
         r, scale = self.r[adapter_name], self.scaling[adapter_name]
         weight = self.base_layer.weight

@@ -31,6 +31,8 @@ from torch import nn
 from ..config import LoraConfig
 from ..guards import check_lora_gradients, nonfinite_parameters, warn_if_lora_B_zero
 from ..model import PeftModel, get_peft_model
+from ..optim import create_loraplus_optimizer
+from ..quant import quantization_library, quantize_model, quantized_weight_bytes
 from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
 from .data import (
     IGNORE_INDEX,
@@ -320,6 +322,8 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
         raise NotADirectoryError(f"--output-dir {out} is a file; give a directory (it will hold adapter/, "
                                  "checkpoints/ and metrics.jsonl).")
     say = runtime.print
+    if opts.quantize:
+        quantization_library(opts.quantize)  # a missing library fails here, before anything is loaded
 
     if model is None:
         if opts.model is None:
@@ -353,6 +357,10 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
                         target_modules=targets, task_type="CAUSAL_LM", use_dora=opts.use_dora,
                         base_model_name_or_path=str(opts.model or "SmolLM2-135M-Instruct"))
     peft = get_peft_model(model, config)
+    if opts.quantize:
+        quantize_model(peft, opts.quantize)
+        stored, full = quantized_weight_bytes(peft)
+        say(f"base quantized to {opts.quantize}: linear weights {stored / 2**20:.1f} MiB (fp32: {full / 2**20:.1f} MiB)")
     runtime.seed_per_rank(opts.seed)
     trainable, total = peft.get_nb_trainable_parameters()
     say(f"LoRA r={opts.r} α={opts.lora_alpha} on {targets}: {trainable:,} trainable of {total:,} parameters "
@@ -366,7 +374,11 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
                          "or train without --fsdp (DDP checkpoints resume with any world size).")
     train_model = runtime.wrap(peft, fsdp=opts.fsdp)  # FSDP shards peft in place: build the optimizer after
     params = [p for p in peft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    if opts.loraplus_lr_ratio is not None:
+        optimizer = create_loraplus_optimizer(peft, torch.optim.AdamW, lr=opts.lr, loraplus_lr_ratio=opts.loraplus_lr_ratio,
+                                              loraplus_weight_decay=opts.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = make_schedule(optimizer, opts.schedule, opts.warmup_steps, steps)
 
     start_step = 0

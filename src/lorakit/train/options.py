@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..quant import QUANT_TYPES
+
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -89,6 +91,11 @@ class TrainOptions:
     """Show progress bars."""
     use_dora: bool = False
     """Train DoRA adapters (a trainable magnitude per output feature, Liu et al. 2024; Linear/Conv1D targets)."""
+    quantize: str | None = None
+    """Quantize the frozen base's linear layers (QLoRA): nf4 or int8 (needs pip install 'lorakit[quant]');
+    None: full precision."""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: train the B factors at lr × this ratio (16 is typical); None: one lr for all."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +128,17 @@ class TrainOptions:
             raise ValueError(f"--use-dora={self.use_dora!r} is invalid: use true or false.")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype={self.dtype!r} is invalid: use one of {', '.join(DTYPES)}.")
+        if self.quantize is not None and self.quantize not in QUANT_TYPES:
+            raise ValueError(f"--quantize={self.quantize!r} is invalid: use one of {', '.join(QUANT_TYPES)} "
+                             "(or leave it unset for a full-precision base).")
+        if self.quantize is not None and self.fsdp:
+            raise ValueError(f"--quantize {self.quantize} with --fsdp is not supported (FSDP would shard the "
+                             "quantized codes without their scales); drop --fsdp: DDP replicates the quantized base.")
+        ratio = self.loraplus_lr_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))
+                                  or not (math.isfinite(ratio) and ratio > 0)):
+            raise ValueError(f"--loraplus-lr-ratio={ratio!r} is invalid: use a positive number such as 16 "
+                             "(the B factors' learning rate is lr × ratio), or leave it unset.")
         if isinstance(self.target_modules, str):
             self.target_modules = [t for t in self.target_modules.split(",") if t]
         if self.target_modules is not None and not self.target_modules:
