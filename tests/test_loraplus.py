@@ -50,12 +50,10 @@ def test_groups_and_lrs_equal_peft(case: str) -> None:
 
 def test_dora_magnitudes_go_with_b() -> None:
     """1-D trainable parameters (DoRA's lora_magnitude_vector is one) take lr × ratio, as in PEFT."""
-    model = get_peft_model(make_llama(), LoraConfig(r=4, target_modules=["q_proj"]))
-    layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    layer.register_parameter("lora_magnitude_vector", nn.Parameter(torch.ones(layer.out_features)))
+    model = get_peft_model(make_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     optimizer = create_loraplus_optimizer(model, torch.optim.SGD, lr=0.1, loraplus_lr_ratio=4.0)
     groups = _groups(model, optimizer)
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector" in groups[2][2]
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector.default" in groups[2][2]
     assert groups[2][0] == pytest.approx(0.4)
 
 
