@@ -353,6 +353,7 @@ class _Run:
     last_metrics: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the latest evaluation
     tokens_seen: int = 0
     window_start: float = field(default_factory=time.time)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase, for summary.json
 
 
 def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokenizer: Any) -> dict[str, Any]:
@@ -360,6 +361,7 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
     progress = _progress_bar(run.steps, run.start_step, opts.progress and runtime.is_main)
     run.peft.train()
     done = run.start_step
+    run.window_start = time.time()
     for step in range(run.start_step, run.steps):
         step_loss = _train_step(run, step)
         done = step + 1
@@ -385,6 +387,7 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
             break
     if progress is not None:
         progress.close()
+    run.seconds["train"] = time.time() - run.window_start
     return _finish(run, done)
 
 
@@ -472,9 +475,12 @@ def _set_up(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, token
                accepts_logits_to_keep(peft.get_base_model()), trainable, total, stopper)
     before = _resume(run) if opts.resume else None
     if before is None:  # every rank evaluates in lockstep (a forward is a collective under FSDP)
+        evaluating = time.time()
         before = _evaluate_before(run, model_dir)
+        run.seconds["before"] = time.time() - evaluating
         say(f"before training: {format_metric(before)}")
     run.before = before
+    run.seconds["set_up"] = time.time() - started
     run.reporting = Reporting(out, opts.report_to or [], runtime.is_main, append=bool(opts.resume))
     if not opts.resume:
         run.reporting.write(step=0, split="heldout", phase="before", **before)
@@ -482,7 +488,8 @@ def _set_up(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, token
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """transformers' activation checkpointing with ``use_reentrant=False``.
+    """transformers' activation checkpointing (``activation_checkpointing_enable``, formerly
+    ``gradient_checkpointing_enable``) with ``use_reentrant=False``.
 
     Each transformer block keeps only its input and recomputes its activations during backward. The
     non-reentrant variant follows autograd through the recomputation, so the LoRA factors inside a block
@@ -490,14 +497,16 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     the reentrant variant would leave them without (``guards.check_lora_gradients`` catches that).
 
     Raises:
-        ValueError: the model has no ``gradient_checkpointing_enable`` (not a transformers PreTrainedModel)
-            or does not support checkpointing.
+        ValueError: the model does not support checkpointing (not a transformers PreTrainedModel, or one
+            whose class says it cannot).
     """
-    enable = getattr(model, "gradient_checkpointing_enable", None)
-    if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
+    if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support transformers' "
                          "gradient checkpointing; drop the flag.")
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x: the old name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     config = getattr(model, "config", None)
     if config is not None:
         config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
@@ -623,6 +632,7 @@ def _finish(run: _Run, done: int) -> dict[str, Any]:
     """Evaluate after training (unless the last step was just evaluated), keep the best adapter as
     ``adapter/`` (the last as ``last/`` when different), write the summary and the plot."""
     opts, runtime, out, peft = run.opts, run.runtime, run.out, run.peft
+    finish_start = time.time()
     peft.eval()
     digest = runtime.check_agreement(peft)  # raises if the ranks' adapters differ
     if run.last_metrics is not None and run.last_metrics[0] == done:
@@ -651,7 +661,9 @@ def _finish(run: _Run, done: int) -> dict[str, Any]:
             runtime.print(f"best evaluation at step {best_step}: adapter/ holds it, last/ the step-{done} adapter")
         whole.save_pretrained(str(out / "adapter"))
         run.reporting.write(step=done, split="heldout", phase="after", **last)
+        run.seconds["finish"] = time.time() - finish_start
         summary.update(after=after, best_step=best_step, seconds=time.time() - run.started,
+                       phase_seconds=run.seconds, tokens_seen=run.tokens_seen * runtime.world,
                        adapter=str(out / "adapter"), peak_memory_bytes=peak_memory_bytes(runtime.device))
         if "accuracy" in after and "accuracy" in run.before:
             se_diff = math.sqrt(run.before["stderr"] ** 2 + after["stderr"] ** 2)
