@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-size", type=int, default=None, help="held-out records (default 500; quick 32)")
     parser.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
     parser.add_argument("--cold", action="store_true", help="clear lorakit's evaluation cache before each run")
+    parser.add_argument("--precision", action="store_true",
+                        help="instead: one training step of lorakit on SmolLM2 (B8 T64) in fp32, fp32 base + bf16 "
+                             "autocast, and bf16 base, interleaved (the README's CPU precision advice)")
     args = parser.parse_args(argv)
+    if args.precision:
+        return precision_steps(args)
     args.steps = args.steps or (4 if args.quick else 30)
     args.batch_size = args.batch_size or (4 if args.quick else 8)
     args.eval_size = args.eval_size or (32 if args.quick else 500)
@@ -167,6 +172,48 @@ def report(args: argparse.Namespace, ours: list[dict[str, Any]], theirs: list[di
          f"{100 * mid(ours, 'accuracy'):.1f} %, PEFT + Trainer {100 * mid(theirs, 'accuracy'):.1f} %")
     note(f"lorakit's first run (cold evaluation cache): wall {ours[0]['wall']:.1f} s = "
          f"{ours[0]['wall'] / theirs[0]['wall']:.3f}× its pair's PEFT + Trainer run")
+
+
+def precision_steps(args: argparse.Namespace) -> int:
+    """Step time of lorakit's training step on this device in three precision regimes, as ratios to fp32."""
+    import torch
+
+    from lorakit import LoraConfig, get_peft_model
+    from lorakit.train.defaults import ensure_default_model
+    from lorakit.train.device import Precision
+    from lorakit.train.loop import load_causal_lm, sequence_mean_loss
+
+    from .common import interleave, median, median_ratio
+
+    torch.set_num_threads(args.threads)
+    cpu = torch.device("cpu")
+    ids = torch.randint(100, 20000, (8, 32 if args.quick else 64), generator=torch.Generator().manual_seed(0))
+    steps = {}
+    for name, dtype, autocast in (("fp32", "float32", False), ("fp32 base + bf16 autocast", "float32", True),
+                                  ("bf16 base", "bfloat16", False)):
+        model, _ = load_causal_lm(args.model or ensure_default_model(), dtype)
+        peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                target_modules=["q_proj", "v_proj"])).train()
+        optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-4)
+        precision = Precision.resolve(dtype, autocast, cpu)
+
+        def step(peft=peft, optimizer=optimizer, precision=precision) -> None:  # type: ignore[no-untyped-def]
+            with precision.autocast():
+                logits = peft(input_ids=ids).logits
+            sequence_mean_loss(logits, ids).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    times = interleave(steps, 2 if args.quick else 5)
+    load = os.getloadavg()[0]
+    print(f"P9 precision companion, {os.cpu_count()} CPUs, load {load:.2f}: lorakit train step, SmolLM2-135M "
+          f"q_proj+v_proj r=8, B8 T{ids.shape[1]}, {args.threads} threads, median of interleaved rounds")
+    print(HEADER)
+    for name in list(steps)[1:]:
+        print_result(Result("P9", f"step {name} / fp32", median(times[name]), median(times["fp32"]),
+                            median_ratio(times, name, "fp32"), "<= 1.00"))
+    return 0
 
 
 def _phases(phases: dict[str, float]) -> str:

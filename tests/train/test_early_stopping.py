@@ -59,7 +59,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("early")
     model_dir = save_tiny_model_dir(root / "model", "llama")
     data = root / "data.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"is {w} short ->", "completion": " Y" if len(w) < 4 else " N"})
+    data.write_text("".join(json.dumps({"prompt": f"is {w} short ->", "completion": "Y" if len(w) < 4 else "N"})
                             + "\n" for w in ["cat", "dog", "lamp", "rose", "sun", "moon", "fig", "bird"] * 4))
     return model_dir, data
 

@@ -354,6 +354,7 @@ class _Run:
     tokens_seen: int = 0
     window_start: float = field(default_factory=time.time)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase, for summary.json
+    eval_postfix: str = ""  # the latest evaluation, for the progress bar
 
 
 def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokenizer: Any) -> dict[str, Any]:
@@ -368,7 +369,8 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
         lr = run.scheduler.get_last_lr()[0]
         rate = run.tokens_seen * runtime.world / max(time.time() - run.window_start, 1e-9)
         if progress is not None:
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
+                                 **({"eval": run.eval_postfix} if run.eval_postfix else {}))
             progress.update(1)
         if done % opts.log_every == 0 or done == run.steps:
             run.reporting.write(step=done, loss=step_loss, lr=lr, tokens_per_s=rate,
@@ -376,7 +378,7 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
                                 peak_memory_bytes=peak_memory_bytes(runtime.device))
         stop = False
         if opts.eval_every and done % opts.eval_every == 0 and done != run.steps:
-            stop = _evaluate_during(run, done, progress)
+            stop = _evaluate_during(run, done)
         if opts.save_every and done % opts.save_every == 0:
             _save_checkpoint(run, done)
         runtime.barrier()
@@ -503,10 +505,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support transformers' "
                          "gradient checkpointing; drop the flag.")
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.2x: the old name is deprecated
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable: Any = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.2x's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
     config = getattr(model, "config", None)
     if config is not None:
         config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
@@ -590,15 +593,14 @@ def _train_step(run: _Run, step: int) -> float:
     return step_loss
 
 
-def _evaluate_during(run: _Run, done: int, progress: Any) -> bool:
+def _evaluate_during(run: _Run, done: int) -> bool:
     """The ``--eval-every`` evaluation after step ``done``: log it, track the best; True if training should stop."""
     with run.precision.autocast():
         metrics = evaluate(run.peft, run.tokenizer, run.task, run.opts, with_loss=True)
     run.peft.train()
     run.reporting.write(step=done, split="heldout", phase="during", **metrics)
     run.runtime.print(f"step {done}: {format_metric(metrics)}")
-    if progress is not None:
-        progress.set_postfix_str(f"{progress.postfix}, eval {_short_metric(metrics)}")
+    run.eval_postfix = _short_metric(metrics)  # shown on the progress bar from the next step on
     run.last_metrics = (done, metrics)
     return _track_best(run, done, metrics)
 
