@@ -382,10 +382,9 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
         if opts.save_every and done % opts.save_every == 0:
             _save_checkpoint(run, done)
         runtime.barrier()
-        if stop:
-            runtime.print(f"early stopping at step {done}: {run.opts.early_stopping_patience} evaluation(s) "
-                          f"without a better {run.stopper.metric if run.stopper else ''} than step "
-                          f"{run.stopper.best_step if run.stopper else ''}")
+        if stop and run.stopper is not None:
+            runtime.print(f"early stopping at step {done}: {run.stopper.patience} evaluation(s) without a better "
+                          f"{run.stopper.metric} than step {run.stopper.best_step}'s")
             break
     if progress is not None:
         progress.close()
