@@ -84,8 +84,8 @@ def peft_run(args: argparse.Namespace, out: Path, env: dict[str, str], model_dir
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="4 steps of batch 4, 32 held-out records, 1 pair")
-    parser.add_argument("--pairs", type=int, default=3, help="interleaved pairs (≥ 3 in full mode)")
+    parser.add_argument("--quick", action="store_true", help="4 steps of batch 4, 32 held-out records, 1 pair unless --pairs")
+    parser.add_argument("--pairs", type=int, default=None, help="interleaved pairs (full: ≥ 3, default 3; quick: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30; quick 4)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default 8; quick 4)")
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps or (4 if args.quick else 30)
     args.batch_size = args.batch_size or (4 if args.quick else 8)
     args.eval_size = args.eval_size or (32 if args.quick else 500)
-    pairs = 1 if args.quick else max(3, args.pairs)
+    pairs = (args.pairs or 1) if args.quick else max(3, args.pairs or 3)
 
     sys.path.insert(0, str(ROOT / "src"))
     from lorakit.train.defaults import cache_dir, ensure_default_model
