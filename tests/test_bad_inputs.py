@@ -705,3 +705,70 @@ def test_bad_quantize_and_loraplus_input(case: Case, ws: Workspace, tmp_path: Pa
         monkeypatch.setitem(sys.modules, "bitsandbytes", None)
         monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
     test_bad_input(case, ws, tmp_path, capsys, no_default_model, monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------------ runtime (issue 15)
+def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def _one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+
+
+def _no_tensorboard(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` now raises ImportError
+
+
+RUNTIME_CASES = [
+    ("device-cuda-without-cuda", _no_cuda, ["--device", "cuda"], r"--device cuda: CUDA is not available",
+     r"use --device cpu"),
+    ("device-cuda-7-on-one-gpu", _one_gpu, ["--device", "cuda:7"], r"--device cuda:7: this machine has 1 CUDA device",
+     r"use an index below 1"),
+    ("device-unknown", _no_cuda, ["--device", "gpu"], r"--device 'gpu' is not a device", r"use auto, cpu, cuda"),
+    ("autocast-float16-on-cpu", _no_cuda, ["--device", "cpu", "--autocast", "--dtype", "float16"],
+     r"--autocast with --dtype float16 on cpu", r"use --dtype float32 --autocast"),
+    ("report-to-tensorboard-not-installed", _no_tensorboard, ["--report-to", "tensorboard"],
+     r"--report-to tensorboard: the tensorboard package is not installed", r"pip install 'lorakit\[tensorboard\]'"),
+    ("report-to-unknown", _no_cuda, ["--report-to", "wandb"], r"--report-to 'wandb' is not a logging backend",
+     r"use tensorboard"),
+    ("early-stopping-without-eval-every", _no_cuda, ["--early-stopping-patience", "2"],
+     r"--early-stopping-patience 2 needs evaluations", r"add --eval-every N"),
+    ("early-stopping-metric-unknown", _no_cuda, ["--eval-every", "1", "--early-stopping-patience", "1",
+                                                 "--early-stopping-metric", "f1"],
+     r"--early-stopping-metric='f1' is invalid", r"use one of accuracy, loss, perplexity"),
+]
+
+
+@pytest.mark.parametrize(("case_id", "patch", "flags", "problem", "fix"), RUNTIME_CASES,
+                         ids=[c[0] for c in RUNTIME_CASES])
+def test_bad_runtime_input(case_id: str, patch: Callable[[pytest.MonkeyPatch], None], flags: list[str], problem: str,
+                           fix: str, ws: Workspace, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`lorakit train` refuses a device, precision, logging or early-stopping request this machine or run cannot
+    honour: one line naming it and the fix, exit 2, nothing written (the checks run before anything is)."""
+    tmp = tmp_path / "case"
+    tmp.mkdir()
+    patch(monkeypatch)
+    before = tree_snapshot(ws.root, tmp)
+    capsys.readouterr()
+    code = main(train(ws, tmp, *flags))
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("lorakit train: error: "), lines
+    assert re.search(problem, lines[0]) and re.search(fix, lines[0]), lines[0]
+    assert tree_snapshot(ws.root, tmp) == before and not (tmp / "out").exists()
+
+
+@pytest.mark.parametrize("verb", ["eval", "generate", "merge"])
+def test_device_flag_of_the_model_verbs_refuses_missing_cuda(verb: str, ws: Workspace, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_cuda(monkeypatch)
+    extra = {"eval": [], "generate": ["--prompt", "hi"], "merge": ["--output", str(tmp_path / "merged")]}[verb]
+    before = tree_snapshot(ws.root, tmp_path)
+    capsys.readouterr()
+    code = main([verb, "--model", str(ws.model), "--adapter", str(ws.adapter), "--device", "cuda", *extra])
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1 and re.search(r"--device cuda: CUDA is not available.*--device cpu", lines[0])
+    assert tree_snapshot(ws.root, tmp_path) == before

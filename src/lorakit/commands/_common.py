@@ -15,6 +15,8 @@ def add_model_args(parser: argparse.ArgumentParser, adapters: str = "*") -> None
                         + ("" if adapters == "*" else "; required"))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="base model dtype (default: float32)")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
 
 
 def model_dir(arg: str | None) -> Path:
@@ -38,10 +40,12 @@ def parse_adapter_specs(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def load_model_with_adapters(args: argparse.Namespace, require_adapter: bool = False) -> tuple[Any, Any, Any]:
-    """(base or PeftModel, tokenizer, PeftModel | None) from --model and --adapter flags."""
+    """(base or PeftModel, tokenizer, PeftModel | None) from --model, --adapter and --device flags, on that device."""
     from ..model import PeftModel
+    from ..train.device import resolve_device
     from ..train.loop import load_causal_lm
 
+    device = resolve_device(args.device)
     specs = parse_adapter_specs(args.adapter)
     if require_adapter and not specs:
         raise ValueError("no --adapter given; pass the adapter directory written by lorakit train (…/adapter).")
@@ -51,8 +55,8 @@ def load_model_with_adapters(args: argparse.Namespace, require_adapter: bool = F
                                     "adapter_config.json and adapter_model.safetensors).")
     model, tokenizer = load_causal_lm(model_dir(args.model), args.dtype)
     if not specs:
-        return model, tokenizer, None
+        return model.to(device), tokenizer, None
     peft = PeftModel.from_pretrained(model, specs[0][0], adapter_name=specs[0][1])
     for path, name in specs[1:]:
         peft.load_adapter(path, adapter_name=name)
-    return peft, tokenizer, peft
+    return peft.to(device), tokenizer, peft

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     def complete(prompt: str, names: list[str] | None = None) -> list[str]:
         torch.manual_seed(args.seed)
         count = len(names) if names else 1
-        batch = tokenizer([prompt] * count, return_tensors="pt")
+        batch = tokenizer([prompt] * count, return_tensors="pt").to(next(model.parameters()).device)
         with torch.no_grad():
             output = model.generate(**batch, **({"adapter_names": names} if names else {}), **kwargs)
         return [tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True) for row in output]

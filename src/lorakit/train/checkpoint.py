@@ -142,7 +142,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     try:
         with warnings.catch_warnings():  # torch warns about a foreign file's pickle protocol: noise here
             warnings.simplefilter("ignore", UserWarning)
-            state = torch.load(path / STATE_FILE, weights_only=True)
+            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "torch_rng", "python_rng"} <= set(state):
             raise ValueError("it lacks the step, optimizer, scheduler or RNG state")
     except Exception as exc:  # unpickling fails in many types; all mean "not a usable state file"

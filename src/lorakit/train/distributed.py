@@ -89,25 +89,28 @@ class Runtime:
     _skeleton: nn.Module | None = field(default=None, repr=False)
 
     @classmethod
-    def from_env(cls) -> Runtime:
+    def from_env(cls, device: str = "cpu") -> Runtime:
         """A single-process runtime, or — under torchrun/accelerate (WORLD_SIZE > 1) — join the job.
 
+        ``device`` is ``--device`` (see ``train/device.py``); under torchrun ``auto``/``cuda`` give every
+        rank ``cuda:LOCAL_RANK`` and the job uses nccl, a CPU job gloo.
+
         Raises:
-            ValueError: LORAKIT_DIST_TIMEOUT is not a positive integer.
+            ValueError: LORAKIT_DIST_TIMEOUT is not a positive integer, or ``device`` is not available.
         """
+        from .device import local_rank, resolve_device
+
+        resolved = resolve_device(device, local_rank())
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
-            return cls()
+            return cls(device=resolved)
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if resolved.type == "cuda" else "gloo"
             timeout = datetime.timedelta(seconds=_timeout_seconds())
             dist.init_process_group(backend=backend, timeout=timeout)
-        device = torch.device("cpu")
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-        return cls(dist.get_rank(), dist.get_world_size(), device)
+        return cls(dist.get_rank(), dist.get_world_size(), resolved)
 
     @property
     def is_main(self) -> bool:

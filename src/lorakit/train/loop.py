@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,13 @@ from ..guards import check_lora_gradients, nonfinite_parameters, warn_if_lora_B_
 from ..model import PeftModel, get_peft_model
 from ..optim import create_loraplus_optimizer
 from ..quant import quantization_library, quantize_model, quantized_weight_bytes
-from .checkpoint import list_checkpoints, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    trainable_state,
+)
 from .data import (
     IGNORE_INDEX,
     classification_accuracy,
@@ -42,8 +48,12 @@ from .data import (
     load_records,
     tokenize_records,
 )
+from .device import Precision, peak_memory_bytes
 from .distributed import Runtime, shard_rows
+from .early_stopping import EarlyStopping
+from .eval_cache import evaluation_key, load_evaluation, store_evaluation
 from .options import TrainOptions
+from .reporting import Reporting, check_backends
 
 MAX_LABELS = 10
 """Prompt/completion data whose completions take at most this many distinct values is a labelled task
@@ -245,26 +255,40 @@ def data_order(n: int, seed: int, steps: int, global_batch: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def evaluate(model: nn.Module, tokenizer: Any, task: Task, opts: TrainOptions) -> dict[str, float]:
-    """Accuracy (labelled task) or perplexity (otherwise) on the held-out split, with a standard error."""
+def evaluate(model: nn.Module, tokenizer: Any, task: Task, opts: TrainOptions,
+             with_loss: bool = False) -> dict[str, float]:
+    """Held-out metrics: accuracy with its standard error (labelled task; with ``with_loss`` also the mean
+    token loss of the completions), or perplexity and loss (otherwise)."""
     if task.labels is not None:
         accuracy, n = classification_accuracy(model, tokenizer, task.heldout, labels=task.labels,
                                               batch_size=2 * opts.batch_size, max_length=opts.max_length)
-        return {"accuracy": accuracy, "n": n, "stderr": math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n)}
+        metrics = {"accuracy": accuracy, "n": n, "stderr": math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n)}
+        if with_loss:
+            metrics["loss"] = heldout_loss(model, tokenizer, task, opts)["loss"]
+        return metrics
+    return heldout_loss(model, tokenizer, task, opts)
+
+
+def heldout_loss(model: nn.Module, tokenizer: Any, task: Task, opts: TrainOptions) -> dict[str, float]:
+    """Mean cross-entropy per target token over the held-out split (completion tokens, or every token of
+    plain text) and its exponential, the perplexity; the output head runs only where a target needs it."""
     examples = tokenize_records(task.heldout, tokenizer, opts.max_length)
+    examples.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: little padding
     device = next(model.parameters()).device
+    keep_logits = accepts_logits_to_keep(model.get_base_model() if isinstance(model, PeftModel) else model)
     total_loss, total_tokens = 0.0, 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for start in range(0, len(examples), opts.batch_size):
             batch = collate(examples[start:start + opts.batch_size], tokenizer.pad_token_id)
-            out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-            labels = batch["labels"].to(device)[:, 1:]
-            loss = F.cross_entropy(out.logits[:, :-1].float().reshape(-1, out.logits.shape[-1]), labels.reshape(-1),
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits, labels = forward_for_loss(model, batch, keep_logits)
+            shifted = labels[:, 1:]
+            loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
             total_loss += float(loss)
-            total_tokens += int((labels != IGNORE_INDEX).sum())
+            total_tokens += int((shifted != IGNORE_INDEX).sum())
     model.train(was_training)
     mean = total_loss / max(total_tokens, 1)
     return {"perplexity": math.exp(mean), "loss": mean, "n": len(examples), "tokens": total_tokens}
@@ -275,23 +299,6 @@ def metric_name(metrics: dict[str, float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- training
-class MetricsLog:
-    """metrics.jsonl writer (rank 0 only); each line is flushed so a crash keeps what was logged."""
-
-    def __init__(self, path: Path, enabled: bool, append: bool) -> None:
-        self.path = path
-        self.enabled = enabled
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if not append:
-                path.write_text("")
-
-    def write(self, **record: Any) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-
 def micro_batches(examples: list[dict[str, list[int]]], indices: list[int], opts: TrainOptions, pad_id: int,
                   rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
     """This process's micro-batches of one optimizer step: rank r takes rows r·B … r·B+B-1 of each slab."""
@@ -302,19 +309,100 @@ def micro_batches(examples: list[dict[str, list[int]]], indices: list[int], opts
 def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
     """Run one LoRA fine-tuning per ``opts``; returns the summary also written to summary.json.
 
-    Writes to ``opts.output_dir``: ``adapter/`` (PEFT format), ``metrics.jsonl``, ``loss.png``,
-    ``summary.json`` and ``checkpoints/step-N`` every ``save_every`` steps. Under torchrun every rank
-    runs this; see ``train/distributed.py`` for what each rank does.
+    Writes to ``opts.output_dir``: ``adapter/`` (PEFT format; with early stopping the best evaluation's, and
+    then ``last/`` too when the last differs), ``metrics.jsonl``, ``loss.png``, ``summary.json``,
+    ``checkpoints/step-N`` every ``save_every`` steps, and ``tensorboard/`` with ``--report-to tensorboard``.
+    Under torchrun every rank runs this; see ``train/distributed.py`` for what each rank does.
     """
-    runtime = Runtime.from_env()
+    runtime = Runtime.from_env(opts.device)
     with runtime.guard():
         summary = _train(opts, runtime, model, tokenizer)
     runtime.close()
     return summary
 
 
+@dataclass
+class _Run:
+    """What the phases of one run share: set up once (``_set_up``), advanced by ``_train_step`` and
+    ``_evaluate_during``, closed by ``_finish``."""
+
+    opts: TrainOptions
+    runtime: Runtime
+    out: Path
+    started: float
+    precision: Precision
+    peft: PeftModel
+    train_model: nn.Module  # peft, or its DDP/FSDP wrapper
+    tokenizer: Any
+    task: Task
+    examples: list[dict[str, list[int]]]
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    steps: int
+    global_batch: int
+    order: list[int]
+    start_step: int
+    before: dict[str, float]
+    reporting: Reporting
+    keep_logits: bool
+    trainable: int
+    total: int
+    stopper: EarlyStopping | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # trainable tensors at the best evaluation (CPU)
+    best_metrics: dict[str, float] | None = None
+    last_metrics: tuple[int, dict[str, float]] | None = None  # (step, metrics) of the latest evaluation
+    tokens_seen: int = 0
+    window_start: float = field(default_factory=time.time)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per phase, for summary.json
+    eval_postfix: str = ""  # the latest evaluation, for the progress bar
+
+
 def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokenizer: Any) -> dict[str, Any]:
+    run = _set_up(opts, runtime, model, tokenizer)
+    progress = _progress_bar(run.steps, run.start_step, opts.progress and runtime.is_main)
+    run.peft.train()
+    done = run.start_step
+    run.window_start = time.time()
+    for step in range(run.start_step, run.steps):
+        step_loss = _train_step(run, step)
+        done = step + 1
+        lr = run.scheduler.get_last_lr()[0]
+        rate = run.tokens_seen * runtime.world / max(time.time() - run.window_start, 1e-9)
+        if progress is not None:
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}",
+                                 **({"eval": run.eval_postfix} if run.eval_postfix else {}))
+            progress.update(1)
+        if done % opts.log_every == 0 or done == run.steps:
+            run.reporting.write(step=done, loss=step_loss, lr=lr, tokens_per_s=rate,
+                                epoch=done * run.global_batch / len(run.examples),
+                                peak_memory_bytes=peak_memory_bytes(runtime.device))
+        stop = False
+        if opts.eval_every and done % opts.eval_every == 0 and done != run.steps:
+            stop = _evaluate_during(run, done)
+        if opts.save_every and done % opts.save_every == 0:
+            _save_checkpoint(run, done)
+        runtime.barrier()
+        if stop and run.stopper is not None:
+            runtime.print(f"early stopping at step {done}: {run.stopper.patience} evaluation(s) without a better "
+                          f"{run.stopper.metric} than step {run.stopper.best_step}'s")
+            break
+    if progress is not None:
+        progress.close()
+    run.seconds["train"] = time.time() - run.window_start
+    return _finish(run, done)
+
+
+def _set_up(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokenizer: Any) -> _Run:
+    """Check every option against this machine, then load the model and data, add LoRA, build the optimizer,
+    resume, and evaluate before training. Nothing is written before all the checks have passed."""
     started = time.time()
+    precision = Precision.resolve(opts.dtype, opts.autocast, runtime.device)
+    check_backends(opts.report_to or [])
+    if opts.early_stopping_patience and runtime.world > 1 and opts.fsdp:
+        raise ValueError("--early-stopping-patience does not work with --fsdp yet (the best adapter would have to "
+                         "be gathered at every evaluation); train without --fsdp, or without early stopping.")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     out = Path(opts.output_dir)
@@ -324,14 +412,17 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
     say = runtime.print
     if opts.quantize:
         quantization_library(opts.quantize)  # a missing library fails here, before anything is loaded
+    say(f"device: {runtime.device} ({precision.describe()}"
+        f"{', gradient checkpointing' if opts.gradient_checkpointing else ''})")
 
+    model_dir: Path | None = None
     if model is None:
         if opts.model is None:
             from .defaults import ensure_default_model
 
-            model_dir: str | Path = ensure_default_model()
+            model_dir = Path(ensure_default_model())
         else:
-            model_dir = opts.model
+            model_dir = Path(opts.model)
         say(f"model: {model_dir}")
         model, tokenizer = load_causal_lm(model_dir, opts.dtype)
     task = load_task(opts)
@@ -345,6 +436,14 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
                          "check the file's contents and --max-length.")
     if task.labels is not None and not _labels_distinguishable(task.labels, tokenizer):
         task.labels = None  # labels sharing a first token cannot be scored by one logit: use perplexity
+    stopper = None
+    if opts.early_stopping_patience:
+        metric = opts.early_stopping_metric or ("accuracy" if task.labels else "loss")
+        measured = ("accuracy", "loss") if task.labels else ("loss", "perplexity")
+        if metric not in measured:
+            raise ValueError(f"--early-stopping-metric={metric}: this task ({task.description}) is scored by "
+                             f"{' and '.join(measured)}; choose one of those.")
+        stopper = EarlyStopping(metric, opts.early_stopping_patience)
     say(f"task: {task.description}; {len(examples)} training examples, {len(task.heldout)} held out, scored by "
         f"{'accuracy' if task.labels else 'perplexity'}")
 
@@ -361,6 +460,8 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
         quantize_model(peft, opts.quantize)
         stored, full = quantized_weight_bytes(peft)
         say(f"base quantized to {opts.quantize}: linear weights {stored / 2**20:.1f} MiB (fp32: {full / 2**20:.1f} MiB)")
+    if opts.gradient_checkpointing:
+        enable_gradient_checkpointing(peft.get_base_model())
     runtime.seed_per_rank(opts.seed)
     trainable, total = peft.get_nb_trainable_parameters()
     say(f"LoRA r={opts.r} α={opts.lora_alpha} on {targets}: {trainable:,} trainable of {total:,} parameters "
@@ -380,115 +481,234 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
     else:
         optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
     scheduler = make_schedule(optimizer, opts.schedule, opts.warmup_steps, steps)
+    scaler = precision.grad_scaler()
 
-    start_step = 0
-    before: dict[str, float] | None = None
-    if opts.resume:
-        checkpoint = resolve_checkpoint(opts.resume, out)
-        state = load_checkpoint(checkpoint, peft, optimizer, scheduler)
-        start_step = int(state["step"])
-        saved_batch = int(state.get("global_batch", global_batch))
-        if saved_batch != global_batch:
-            raise ValueError(
-                f"--resume {checkpoint}: it was trained with a global batch of {saved_batch} examples per step "
-                f"(batch size × grad accum × processes); this run has {opts.batch_size} × {opts.grad_accum} × "
-                f"{runtime.world} = {global_batch}. Choose --batch-size/--grad-accum so the product is {saved_batch}."
-            )
-        rank_rng = state.get("rank_rng", [])
-        if len(rank_rng) == runtime.world:
-            torch.set_rng_state(rank_rng[runtime.rank])
-        elif opts.lora_dropout > 0:
-            say(f"note: the checkpoint was written by {len(rank_rng) or 1} process(es), this run has "
-                f"{runtime.world}: dropout masks from here on differ from an unbroken run.")
-        before = json.loads(state.get("before", "null"))
-        say(f"resumed from {checkpoint} at step {start_step}/{steps}")
+    run = _Run(opts, runtime, out, started, precision, peft, train_model, tokenizer, task, examples, params,
+               optimizer, scheduler, scaler, steps, global_batch, order, 0, {}, Reporting(out, [], False, True),
+               accepts_logits_to_keep(peft.get_base_model()), trainable, total, stopper)
+    before = _resume(run) if opts.resume else None
     if before is None:  # every rank evaluates in lockstep (a forward is a collective under FSDP)
-        with peft.disable_adapter():
-            before = evaluate(peft, tokenizer, task, opts)
+        evaluating = time.time()
+        before = _evaluate_before(run, model_dir)
+        run.seconds["before"] = time.time() - evaluating
         say(f"before training: {format_metric(before)}")
-    log = MetricsLog(out / "metrics.jsonl", runtime.is_main, append=bool(opts.resume))
-    log.write(step=start_step, split="heldout", phase="before", **before)
+    run.before = before
+    run.seconds["set_up"] = time.time() - started
+    run.reporting = Reporting(out, opts.report_to or [], runtime.is_main, append=bool(opts.resume))
+    if not opts.resume:
+        run.reporting.write(step=0, split="heldout", phase="before", **before)
+    return run
 
-    keep_logits = accepts_logits_to_keep(peft.get_base_model())
-    progress = _progress_bar(steps, start_step, opts.progress and runtime.is_main)
-    peft.train()
-    tokens_seen, window_start = 0, time.time()
-    for step in range(start_step, steps):
-        indices = order[step * global_batch:(step + 1) * global_batch]
-        optimizer.zero_grad(set_to_none=True)
-        runtime.inject_fault(step + 1)
-        step_loss = 0.0
-        for k, batch in enumerate(micro_batches(examples, indices, opts, tokenizer.pad_token_id, runtime.rank,
-                                                runtime.world)):
-            with runtime.no_sync(train_model, last=k == opts.grad_accum - 1):
-                batch = {k: v.to(runtime.device) for k, v in batch.items()}
-                logits, labels = forward_for_loss(train_model, batch, keep_logits)
-                loss = sequence_mean_loss(logits, labels) / opts.grad_accum
-                loss.backward()
-            step_loss += float(loss.detach())
-            tokens_seen += int(batch["attention_mask"].sum())
-        if step == start_step:
-            check_lora_gradients(peft)  # guard: a factor without gradient would silently never train
-        step_loss = runtime.mean(step_loss)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; {_stopped(out)}")
-        if opts.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        done = step + 1
-        lr = scheduler.get_last_lr()[0]
-        rate = tokens_seen * runtime.world / max(time.time() - window_start, 1e-9)
-        if progress is not None:
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:,.0f}")
-            progress.update(1)
-        if done % opts.log_every == 0 or done == steps:
-            log.write(step=done, loss=step_loss, lr=lr, tokens_per_s=rate, epoch=done * global_batch / len(examples))
-        if opts.eval_every and done % opts.eval_every == 0 and done != steps:
-            metrics = evaluate(peft, tokenizer, task, opts)
-            log.write(step=done, split="heldout", phase="during", **metrics)
-            say(f"step {done}: {format_metric(metrics)}")
-            peft.train()
-        if opts.save_every and done % opts.save_every == 0:
-            _require_finite(peft, done, out)
-            rank_rng = runtime.gather_object(torch.get_rng_state())
-            if runtime.is_main:
-                save_checkpoint(out / "checkpoints", done, peft, optimizer, scheduler,
-                                {"before": json.dumps(before), "global_batch": global_batch, "rank_rng": rank_rng},
-                                opts.keep_checkpoints)
-        runtime.barrier()
-    if progress is not None:
-        progress.close()
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing (``activation_checkpointing_enable``, formerly
+    ``gradient_checkpointing_enable``) with ``use_reentrant=False``.
+
+    Each transformer block keeps only its input and recomputes its activations during backward. The
+    non-reentrant variant follows autograd through the recomputation, so the LoRA factors inside a block
+    receive gradients although the block's input (the frozen embedding's output) does not require grad;
+    the reentrant variant would leave them without (``guards.check_lora_gradients`` catches that).
+
+    Raises:
+        ValueError: the model does not support checkpointing (not a transformers PreTrainedModel, or one
+            whose class says it cannot).
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support transformers' "
+                         "gradient checkpointing; drop the flag.")
+    enable: Any = getattr(model, "activation_checkpointing_enable", None)  # transformers ≥ 5.2x's name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.use_cache = False  # a KV cache is useless in training and conflicts with recomputation
+
+
+def _resume(run: _Run) -> dict[str, float] | None:
+    """Restore the state of ``--resume``; returns the before-training metrics it holds."""
+    opts, runtime = run.opts, run.runtime
+    checkpoint = resolve_checkpoint(opts.resume or "", run.out)
+    state = load_checkpoint(checkpoint, run.peft, run.optimizer, run.scheduler)
+    run.start_step = int(state["step"])
+    saved_batch = int(state.get("global_batch", run.global_batch))
+    if saved_batch != run.global_batch:
+        raise ValueError(
+            f"--resume {checkpoint}: it was trained with a global batch of {saved_batch} examples per step "
+            f"(batch size × grad accum × processes); this run has {opts.batch_size} × {opts.grad_accum} × "
+            f"{runtime.world} = {run.global_batch}. Choose --batch-size/--grad-accum so the product is {saved_batch}."
+        )
+    rank_rng = state.get("rank_rng", [])
+    if len(rank_rng) == runtime.world:
+        torch.set_rng_state(rank_rng[runtime.rank])
+    elif opts.lora_dropout > 0:
+        runtime.print(f"note: the checkpoint was written by {len(rank_rng) or 1} process(es), this run has "
+                      f"{runtime.world}: dropout masks from here on differ from an unbroken run.")
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    if run.stopper is not None and state.get("early_stopping"):
+        run.stopper.load_state_dict(state["early_stopping"])
+        run.best_state = state.get("best_trainable") or None
+        run.best_metrics = json.loads(state.get("best_metrics", "null"))
+    runtime.print(f"resumed from {checkpoint} at step {run.start_step}/{run.steps}")
+    return json.loads(state.get("before", "null"))
+
+
+def _evaluate_before(run: _Run, model_dir: Path | None) -> dict[str, float]:
+    """The base model's held-out metrics (adapter disabled), from the evaluation cache when it has them."""
+    opts = run.opts
+    key = None
+    if opts.eval_cache and model_dir is not None and run.runtime.world == 1:
+        settings = {"max_length": opts.max_length, "batch_size": opts.batch_size, "dtype": opts.dtype,
+                    "autocast": opts.autocast, "device": run.runtime.device.type, "loss": bool(opts.eval_every)}
+        key = evaluation_key(model_dir, run.task.heldout, run.task.labels, settings)
+        cached = load_evaluation(key)
+        if cached is not None:
+            return cached
+    with run.peft.disable_adapter(), run.precision.autocast():
+        before = evaluate(run.peft, run.tokenizer, run.task, opts, with_loss=bool(opts.eval_every))
+    if key is not None:
+        store_evaluation(key, before)
+    return before
+
+
+def _train_step(run: _Run, step: int) -> float:
+    """One optimizer step (all its micro-batches); returns the step's loss averaged over processes."""
+    opts, runtime = run.opts, run.runtime
+    indices = run.order[step * run.global_batch:(step + 1) * run.global_batch]
+    run.optimizer.zero_grad(set_to_none=True)
+    runtime.inject_fault(step + 1)
+    step_loss = 0.0
+    for k, batch in enumerate(micro_batches(run.examples, indices, opts, run.tokenizer.pad_token_id, runtime.rank,
+                                            runtime.world)):
+        with runtime.no_sync(run.train_model, last=k == opts.grad_accum - 1):
+            batch = {name: v.to(runtime.device) for name, v in batch.items()}
+            with run.precision.autocast():
+                logits, labels = forward_for_loss(run.train_model, batch, run.keep_logits)
+            loss = sequence_mean_loss(logits, labels) / opts.grad_accum
+            run.scaler.scale(loss).backward()
+        step_loss += float(loss.detach())
+        run.tokens_seen += int(batch["attention_mask"].sum())
+    if step == run.start_step:
+        check_lora_gradients(run.peft)  # guard: a factor without gradient would silently never train
+    step_loss = runtime.mean(step_loss)
+    if not math.isfinite(step_loss):
+        raise FloatingPointError(f"loss is {step_loss} at step {step + 1}; {_stopped(run.out)}")
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients (a no-op without float16 autocast)
+    if opts.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(run.params, opts.max_grad_norm)
+    run.scaler.step(run.optimizer)  # skips the step if float16 gradients overflowed
+    run.scaler.update()
+    run.scheduler.step()
+    return step_loss
+
+
+def _evaluate_during(run: _Run, done: int) -> bool:
+    """The ``--eval-every`` evaluation after step ``done``: log it, track the best; True if training should stop."""
+    with run.precision.autocast():
+        metrics = evaluate(run.peft, run.tokenizer, run.task, run.opts, with_loss=True)
+    run.peft.train()
+    run.reporting.write(step=done, split="heldout", phase="during", **metrics)
+    run.runtime.print(f"step {done}: {format_metric(metrics)}")
+    run.eval_postfix = _short_metric(metrics)  # shown on the progress bar from the next step on
+    run.last_metrics = (done, metrics)
+    return _track_best(run, done, metrics)
+
+
+def _track_best(run: _Run, step: int, metrics: dict[str, float]) -> bool:
+    """Feed an evaluation to early stopping, keeping the best adapter's tensors; True if it says stop."""
+    if run.stopper is None:
+        return False
+    if run.stopper.update(step, metrics):
+        run.best_state = trainable_state(run.peft)
+        run.best_metrics = metrics
+    return run.stopper.should_stop
+
+
+def _save_checkpoint(run: _Run, done: int) -> None:
+    _require_finite(run.peft, done, run.out)
+    rank_rng = run.runtime.gather_object(torch.get_rng_state())
+    if not run.runtime.is_main:
+        return
+    extra: dict[str, Any] = {"before": json.dumps(run.before), "global_batch": run.global_batch, "rank_rng": rank_rng}
+    if run.scaler.is_enabled():
+        extra["scaler"] = run.scaler.state_dict()
+    if run.stopper is not None:
+        extra.update(early_stopping=run.stopper.state_dict(), best_trainable=run.best_state or {},
+                     best_metrics=json.dumps(run.best_metrics))
+    save_checkpoint(run.out / "checkpoints", done, run.peft, run.optimizer, run.scheduler, extra,
+                    run.opts.keep_checkpoints)
+
+
+def _finish(run: _Run, done: int) -> dict[str, Any]:
+    """Evaluate after training (unless the last step was just evaluated), keep the best adapter as
+    ``adapter/`` (the last as ``last/`` when different), write the summary and the plot."""
+    opts, runtime, out, peft = run.opts, run.runtime, run.out, run.peft
+    finish_start = time.time()
     peft.eval()
     digest = runtime.check_agreement(peft)  # raises if the ranks' adapters differ
-    after = evaluate(peft, tokenizer, task, opts)  # in lockstep on every rank, like `before`
+    if run.last_metrics is not None and run.last_metrics[0] == done:
+        after = run.last_metrics[1]
+    else:  # in lockstep on every rank, like `before`
+        with run.precision.autocast():
+            after = evaluate(peft, run.tokenizer, run.task, opts, with_loss=bool(opts.eval_every))
+        _track_best(run, done, after)
+    last = after
+    best_step = run.stopper.best_step if run.stopper is not None else done
     whole = runtime.consolidate(peft)  # rank 0: the unsharded model (gathered under FSDP); others: None
 
-    summary: dict[str, Any] = {"options": opts.to_dict(), "task": task.description, "steps": steps,
-                               "trainable_params": trainable, "total_params": total, "before": before,
-                               "world_size": runtime.world, "adapter_digest": digest}
+    summary: dict[str, Any] = {"options": opts.to_dict(), "task": run.task.description, "steps": done,
+                               "planned_steps": run.steps, "trainable_params": run.trainable,
+                               "total_params": run.total, "before": run.before, "world_size": runtime.world,
+                               "adapter_digest": digest, "device": str(runtime.device),
+                               "precision": run.precision.describe()}
     if isinstance(whole, PeftModel):
-        _require_finite(whole, steps, out)
-        warn_if_lora_B_zero(whole, steps)
+        _require_finite(whole, done, out)
+        warn_if_lora_B_zero(whole, done)
+        if best_step != done and run.best_state is not None and run.best_metrics is not None:
+            whole.save_pretrained(str(out / "last"))
+            _load_trainable(whole, run.best_state)
+            after = run.best_metrics
+            summary.update(last=last, last_adapter=str(out / "last"))
+            runtime.print(f"best evaluation at step {best_step}: adapter/ holds it, last/ the step-{done} adapter")
         whole.save_pretrained(str(out / "adapter"))
-        log.write(step=steps, split="heldout", phase="after", **after)
-        summary.update(after=after, seconds=time.time() - started, adapter=str(out / "adapter"))
-        if "accuracy" in after:
-            se_diff = math.sqrt(before["stderr"] ** 2 + after["stderr"] ** 2)
-            summary["gain"] = after["accuracy"] - before["accuracy"]
+        run.reporting.write(step=done, split="heldout", phase="after", **last)
+        run.seconds["finish"] = time.time() - finish_start
+        summary.update(after=after, best_step=best_step, seconds=time.time() - run.started,
+                       phase_seconds=run.seconds, tokens_seen=run.tokens_seen * runtime.world,
+                       adapter=str(out / "adapter"), peak_memory_bytes=peak_memory_bytes(runtime.device))
+        if "accuracy" in after and "accuracy" in run.before:
+            se_diff = math.sqrt(run.before["stderr"] ** 2 + after["stderr"] ** 2)
+            summary["gain"] = after["accuracy"] - run.before["accuracy"]
             summary["gain_in_stderr"] = summary["gain"] / se_diff
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _plot_losses(out / "metrics.jsonl", out / "loss.png")
-        say(f"after training:  {format_metric(after)}")
+        runtime.print(f"after training:  {format_metric(after)}")
         if "gain" in summary:
-            say(f"gain: {100 * summary['gain']:+.1f} points = {summary['gain_in_stderr']:.1f} standard errors "
-                f"(n={after['n']})")
+            runtime.print(f"gain: {100 * summary['gain']:+.1f} points = {summary['gain_in_stderr']:.1f} standard "
+                          f"errors (n={after['n']})")
+    run.reporting.close()
     if opts.samples and (runtime.is_main or runtime.sharded):  # sharded: every rank generates in lockstep
-        print_samples(peft, tokenizer, task, opts.samples, say, synced=runtime.sharded)
+        print_samples(peft, run.tokenizer, run.task, opts.samples, runtime.print, synced=runtime.sharded)
     if runtime.is_main:
-        say(f"adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}  plot: {out / 'loss.png'}  "
-            f"({summary['seconds']:.0f} s)")
+        runtime.print(f"adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}  plot: {out / 'loss.png'}  "
+                      f"({summary['seconds']:.0f} s)")
     return summary
+
+
+def _load_trainable(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable tensors (``checkpoint.trainable_state``) back into ``model``'s parameters."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def _short_metric(metrics: dict[str, float]) -> str:
+    if "accuracy" in metrics:
+        return f"acc {100 * metrics['accuracy']:.1f}%"
+    return f"loss {metrics['loss']:.3f}"
 
 
 def _stopped(out: Path) -> str:
@@ -552,7 +772,7 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
 
 
 def _plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """loss.png: training loss per logged step (and held-out metric points if any)."""
+    """loss.png: training loss per logged step, and the held-out loss (and accuracy) of the evaluations."""
     try:
         import matplotlib
 
@@ -562,10 +782,21 @@ def _plot_losses(metrics_path: Path, png_path: Path) -> None:
         return
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train_rows = [r for r in rows if "loss" in r and "split" not in r]
+    eval_rows = [r for r in rows if r.get("split") == "heldout" and "loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="training loss")
+    if eval_rows:
+        ax.plot([r["step"] for r in eval_rows], [r["loss"] for r in eval_rows], marker="o",
+                label="held-out loss (per token)")
+    accuracy_rows = [r for r in rows if r.get("split") == "heldout" and "accuracy" in r]
+    if len(accuracy_rows) > 2:  # an accuracy curve, not just before/after: on its own axis
+        right = ax.twinx()
+        right.plot([r["step"] for r in accuracy_rows], [r["accuracy"] for r in accuracy_rows], color="tab:green",
+                   marker="s", label="held-out accuracy")
+        right.set_ylabel("accuracy")
+        right.legend(loc="center right")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (per-sequence mean CE)")
+    ax.set_ylabel("loss (CE)")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
     fig.tight_layout()

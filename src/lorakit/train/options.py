@@ -96,6 +96,26 @@ class TrainOptions:
     None: full precision."""
     loraplus_lr_ratio: float | None = None
     """LoRA+: train the B factors at lr × this ratio (16 is typical); None: one lr for all."""
+    # -- runtime: device, precision, memory, evaluation during training, logging backends
+    device: str = "auto"
+    """auto (CUDA if available, else MPS, else CPU), cpu, cuda, cuda:N or mps; under torchrun each rank
+    takes cuda:LOCAL_RANK."""
+    autocast: bool = False
+    """Run the forward under torch.autocast: bfloat16 (float16 with a GradScaler, CUDA only, when --dtype is
+    float16); adapters and optimizer state stay float32."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward instead of keeping them (less memory,
+    about one more forward of compute)."""
+    early_stopping_patience: int = 0
+    """Stop after this many --eval-every evaluations without improvement and keep the best adapter as
+    adapter/ (the last as last/); 0: off."""
+    early_stopping_metric: str | None = None
+    """accuracy, loss or perplexity; None: accuracy for labelled tasks, else loss."""
+    report_to: list[str] | None = None
+    """Extra logging backends, comma-separated: tensorboard (metrics.jsonl is always written)."""
+    eval_cache: bool = True
+    """Reuse the before-training evaluation of the same base model files, held-out data and settings from
+    the lorakit cache instead of computing it again."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -139,10 +159,30 @@ class TrainOptions:
                                   or not (math.isfinite(ratio) and ratio > 0)):
             raise ValueError(f"--loraplus-lr-ratio={ratio!r} is invalid: use a positive number such as 16 "
                              "(the B factors' learning rate is lr × ratio), or leave it unset.")
+        self._check_runtime()
         if isinstance(self.target_modules, str):
             self.target_modules = [t for t in self.target_modules.split(",") if t]
         if self.target_modules is not None and not self.target_modules:
             raise ValueError("--target-modules is empty: name modules (e.g. q_proj,v_proj) or use all-linear.")
+
+    def _check_runtime(self) -> None:
+        from .early_stopping import METRICS
+
+        if not isinstance(self.device, str) or not self.device.strip():
+            raise ValueError(f"--device={self.device!r} is invalid: use auto, cpu, cuda, cuda:N or mps.")
+        value = self.early_stopping_patience
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"--early-stopping-patience={value!r} is invalid: use an integer ≥ 0.")
+        if value > 0 and self.eval_every == 0:
+            raise ValueError(f"--early-stopping-patience {value} needs evaluations to compare: add --eval-every N "
+                             "(evaluate every N optimizer steps).")
+        if self.early_stopping_metric is not None and self.early_stopping_metric not in METRICS:
+            raise ValueError(f"--early-stopping-metric={self.early_stopping_metric!r} is invalid: use one of "
+                             f"{', '.join(METRICS)}.")
+        if isinstance(self.report_to, str):
+            self.report_to = [t for t in self.report_to.split(",") if t]
+        if self.report_to is not None and not all(isinstance(t, str) for t in self.report_to):
+            raise ValueError(f"--report-to={self.report_to!r} is invalid: name backends, e.g. tensorboard.")
 
     @classmethod
     def field_names(cls) -> list[str]:
