@@ -1,10 +1,10 @@
 """llama.cpp itself runs lorakit's GGUF files (opt-in: ``make test-llamacpp``; needs a built llama-cpp-python).
 
 The embedded SmolLM2-135M-Instruct as llama.cpp ships it (the original Q4_1 GGUF) with a sentiment adapter
-that ``lorakit train`` trained on the dequantized fp32 copy of the same weights, exported by ``lorakit
+that ``lorakit train`` trained (10 steps) on the dequantized fp32 copy of the same weights, exported by ``lorakit
 export``:
 
-1. Adapter. For 200 held-out reviews, the change the adapter makes to the next-token logits,
+1. Adapter. For 200 reviews the adapter was not trained on, the change the adapter makes to the next-token logits,
    Δ = logits(with adapter) − logits(without), in llama.cpp (``Llama(model_path=Q4_1, lora_path=…)``)
    against lorakit on the dequantized base. Bar: Pearson correlation ≥ 0.99 (pooled over all reviews and
    the whole vocabulary, and the median per review), and the same greedy label (" positive" vs
@@ -37,7 +37,8 @@ pytestmark = [
                        reason="opt-in: `make test-llamacpp` builds llama-cpp-python and runs this"),
 ]
 
-STEPS = 30
+STEPS = 10
+TRAINED_ON = 640  # `lorakit train`'s default --train-size: the first 640 records of the task's training split
 HELDOUT = 200
 NEW_TOKENS = 12
 OPEN_PROMPTS = ["The capital of France is", "Once upon a time", "The best way to learn a language is",
@@ -46,7 +47,8 @@ OPEN_PROMPTS = ["The capital of France is", "Once upon a time", "The best way to
 
 
 def _trained_adapter() -> Path:
-    """A sentiment adapter from `lorakit train` (30 steps, default task), trained once into the cache."""
+    """A sentiment adapter from `lorakit train` (default task, 10 steps: the agreement checked here does not
+    depend on how well it classifies), trained once into the cache."""
     from llamacpp_tools import cache
 
     from lorakit.cli import main
@@ -55,7 +57,7 @@ def _trained_adapter() -> Path:
     if not (final / "adapter" / "adapter_model.safetensors").is_file():
         staging = cache() / f".sentiment-{STEPS}steps.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        code = main(["train", "--max-steps", str(STEPS), "--eval-size", str(HELDOUT), "--samples", "0",
+        code = main(["train", "--max-steps", str(STEPS), "--eval-size", "2", "--samples", "0",
                      "--no-progress", "--threads", "2", "--output-dir", str(staging)])
         assert code == 0
         shutil.rmtree(final, ignore_errors=True)
@@ -81,7 +83,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for outtype in ("f32", "f16"):
         assert main(["export", "--merged", str(adapter), "--model", str(model_dir), "-o",
                      str(files[f"merged_{outtype}"]), "--outtype", outtype]) == 0
-    _, heldout = load_default_task(seed=0, heldout_size=HELDOUT)  # the split `lorakit train` held out
+    # --eval-size 2 holds out 2 reviews; the training split's records after the 640 trained on are unseen too
+    train, _ = load_default_task(seed=0, heldout_size=2)
+    heldout = train[TRAINED_ON:TRAINED_ON + HELDOUT]
     return {"model_dir": model_dir, "base_gguf": base_gguf, "adapter": adapter, "files": files,
             "heldout": heldout, "tokenizer": AutoTokenizer.from_pretrained(model_dir)}
 

@@ -225,13 +225,12 @@ def _target_modules(modules: list[str], candidates: list[str]) -> list[str]:
     """Short target names where they select exactly the adapted modules (``q_proj`` when every q_proj is
     adapted), full module names otherwise (PEFT matches both: equal, or a dotted suffix)."""
     targets: list[str] = []
-    adapted = set(modules)
     by_suffix: dict[str, list[str]] = {}
     for name in modules:
         by_suffix.setdefault(name.rsplit(".", 1)[-1], []).append(name)
     for suffix, names in by_suffix.items():
         selected = {c for c in candidates if c == suffix or c.endswith("." + suffix)}
-        targets.extend([suffix] if selected == set(names) and selected <= adapted else names)
+        targets.extend([suffix] if selected == set(names) else names)
     return targets
 
 
