@@ -7,7 +7,8 @@ Both come from the one source distribution ``llama-cpp-python==0.3.36`` (PyPI ha
   ``gguf-py/`` out of the sdist's ``vendor/llama.cpp/`` (pure Python; nothing is built) — what
   tests/test_gguf.py compares lorakit's export with;
 - ``wheels/llama_cpp_python-0.3.36-*.whl``: the sdist compiled once (cmake + gcc, ~40 min on two busy
-  cores), then installed with ``--no-deps`` into the running interpreter — what tests/test_llamacpp.py runs.
+  cores; on x86 a portable AVX2 build, see ``wheel``), then installed with ``--no-deps`` into the running
+  interpreter — what tests/test_llamacpp.py runs.
 
 ``python tests/llamacpp_tools.py install`` (``make test-llamacpp``) builds the wheel if there is none and
 installs it. Every directory appears atomically (extracted beside its final place, then renamed).
@@ -15,6 +16,8 @@ installs it. Every directory appears atomically (extracted beside its final plac
 
 from __future__ import annotations
 
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -69,8 +72,6 @@ def converter_dir() -> Path:
 
 def run_converter(adapter_dir: Path, base_dir: Path, output: Path, outtype: str) -> None:
     """llama.cpp's own PEFT → GGUF conversion of ``adapter_dir`` (offline: ``--base`` has the config)."""
-    import os
-
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     result = subprocess.run([sys.executable, str(converter_dir() / "convert_lora_to_gguf.py"), "--base",
                              str(base_dir), "--outfile", str(output), "--outtype", outtype, str(adapter_dir)],
@@ -87,8 +88,13 @@ def wheel() -> Path:
         return found[-1]
     wheels.mkdir(parents=True, exist_ok=True)
     print(f"building llama-cpp-python {VERSION} from source into {wheels} (~40 min on two cores)", flush=True)
+    env = dict(os.environ)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # A portable AVX2 build: -march=native (llama.cpp's default) enables AMX / AVX-512 kernels that die
+        # with SIGILL on VMs whose CPUID advertises them (seen on the lorakit machines, firecracker kernel).
+        env.setdefault("CMAKE_ARGS", "-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON")
     subprocess.run(["nice", "-n", "15", sys.executable, "-m", "pip", "wheel", "--no-deps",
-                    "--disable-pip-version-check", "-w", str(wheels), str(sdist())], check=True)
+                    "--disable-pip-version-check", "-w", str(wheels), str(sdist())], check=True, env=env)
     return sorted(wheels.glob(f"llama_cpp_python-{VERSION}-*.whl"))[-1]
 
 

@@ -39,7 +39,8 @@ pytestmark = [
 
 STEPS = 10
 TRAINED_ON = 640  # `lorakit train`'s default --train-size: the first 640 records of the task's training split
-HELDOUT = 200
+HELDOUT = int(os.environ.get("LORAKIT_LLAMACPP_REVIEWS", "200"))  # fewer only to fit an overloaded machine
+PROMPTS = int(os.environ.get("LORAKIT_LLAMACPP_PROMPTS", "20"))
 NEW_TOKENS = 12
 OPEN_PROMPTS = ["The capital of France is", "Once upon a time", "The best way to learn a language is",
                 "def fibonacci(n):", "Water boils at", "My favourite film is", "The three primary colours are",
@@ -116,12 +117,29 @@ def _llama_greedy(llm: Any, ids: list[int]) -> list[int]:
 
 
 def _torch_greedy(model: Any, ids: list[int]) -> list[int]:
-    tokens = torch.tensor([ids])
+    """Greedy tokens with the KV cache (argmax each step, no stopping, as ``_llama_greedy``)."""
+    tokens: list[int] = []
     with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), use_cache=True)
         for _ in range(NEW_TOKENS):
-            token = model(input_ids=tokens).logits[0, -1].argmax()
-            tokens = torch.cat([tokens, token.view(1, 1)], dim=1)
-    return tokens[0, len(ids):].tolist()
+            token = int(out.logits[0, -1].argmax())
+            tokens.append(token)
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def _torch_last_logits(model: Any, id_lists: list[list[int]], pad: int, batch: int = 16) -> list[torch.Tensor]:
+    """Next-token logits after each prompt, batched with right padding (read at each last real token)."""
+    found: list[torch.Tensor] = []
+    with torch.no_grad():
+        for start in range(0, len(id_lists), batch):
+            chunk = id_lists[start:start + batch]
+            width = max(len(i) for i in chunk)
+            ids = torch.tensor([i + [pad] * (width - len(i)) for i in chunk])
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in chunk])
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            found.extend(logits[row, len(i) - 1].double() for row, i in enumerate(chunk))
+    return found
 
 
 def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -137,16 +155,18 @@ def test_adapter_changes_llama_cpp_logits_as_it_changes_lorakits(setup: dict[str
     tokenizer = setup["tokenizer"]
     label_ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in LABEL_WORDS]
     peft = PeftModel.from_pretrained(load_base_model(setup["model_dir"], "float32"), setup["adapter"])
+    ids = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in setup["heldout"]]
+    # lorakit first, then llama.cpp: their thread pools never compete for the cores
+    lorakit_with = _torch_last_logits(peft, ids, tokenizer.pad_token_id)
+    with peft.disable_adapter():
+        lorakit_without = _torch_last_logits(peft, ids, tokenizer.pad_token_id)
+    del peft
     plain, adapted = _llama(setup["base_gguf"]), _llama(setup["base_gguf"], setup["files"]["adapter"])
     ours_all, theirs_all, per_review, base_corr = [], [], [], []
     same_label = correct_ours = correct_theirs = 0
-    for record in setup["heldout"]:
-        ids = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            with_adapter = peft(input_ids=torch.tensor([ids])).logits[0, -1].double()
-            with peft.disable_adapter():
-                without = peft(input_ids=torch.tensor([ids])).logits[0, -1].double()
-        cpp_without, cpp_with = _llama_last_logits(plain, ids), _llama_last_logits(adapted, ids)
+    for record, prompt, with_adapter, without in zip(setup["heldout"], ids, lorakit_with, lorakit_without,
+                                                     strict=True):
+        cpp_without, cpp_with = _llama_last_logits(plain, prompt), _llama_last_logits(adapted, prompt)
         ours, theirs = with_adapter - without, cpp_with - cpp_without
         ours_all.append(ours)
         theirs_all.append(theirs)
@@ -176,7 +196,8 @@ def test_merged_gguf_greedy_tokens_equal_lorakits_merged_model(setup: dict[str, 
     tokenizer = setup["tokenizer"]
     merged = PeftModel.from_pretrained(load_base_model(setup["model_dir"], "float32"),
                                        setup["adapter"]).merge_and_unload()
-    prompts = [r["prompt"] for r in setup["heldout"][:10]] + OPEN_PROMPTS
+    half = PROMPTS // 2  # 10 reviews + 10 open prompts
+    prompts = [r["prompt"] for r in setup["heldout"][:half]] + OPEN_PROMPTS[: PROMPTS - half]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     expected = [_torch_greedy(merged, i) for i in ids]
     agree = {}
@@ -185,5 +206,5 @@ def test_merged_gguf_greedy_tokens_equal_lorakits_merged_model(setup: dict[str, 
         agree[outtype] = sum(_llama_greedy(llm, i) == e for i, e in zip(ids, expected, strict=True))
     print(f"\nmerged GGUF in llama.cpp vs lorakit merge_and_unload, greedy {NEW_TOKENS} tokens on {len(ids)} "
           f"prompts: identical f32 {agree['f32']}/{len(ids)}, f16 {agree['f16']}/{len(ids)}; e.g. "
-          f"{prompts[-10]!r} → {tokenizer.decode(expected[-10])!r}")
+          f"{prompts[-1]!r} → {tokenizer.decode(expected[-1])!r}")
     assert agree["f32"] == len(ids)
