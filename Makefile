@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
 
-.PHONY: setup train test test-fast lint bench bench-quick experiments-quick clean
+.PHONY: setup train test test-fast lint bench bench-quick experiments-quick clean test-llamacpp
 
 $(BIN)/lorakit: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Opt-in: builds llama-cpp-python from its PyPI sdist once (~40 min on two cores, cached in ~/.cache/lorakit/llamacpp)
+# and checks lorakit's GGUF files in llama.cpp itself (tests/test_llamacpp.py; skipped by `make test`).
+test-llamacpp: setup
+	$(BIN)/python tests/llamacpp_tools.py install
+	LORAKIT_TEST_LLAMACPP=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider -m llamacpp tests/test_llamacpp.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks experiments

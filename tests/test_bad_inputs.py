@@ -772,3 +772,87 @@ def test_device_flag_of_the_model_verbs_refuses_missing_cuda(verb: str, ws: Work
     lines = capsys.readouterr().err.splitlines()
     assert code == 2 and len(lines) == 1 and re.search(r"--device cuda: CUDA is not available.*--device cpu", lines[0])
     assert tree_snapshot(ws.root, tmp_path) == before
+
+
+# ------------------------------------------------------------------------------------------------ GGUF (llama.cpp)
+def _gguf_export(ws: Workspace, tmp: Path, *extra: str, adapter: Path | None = None) -> list[str]:
+    return ["export", "--format", "gguf", str(adapter or ws.adapter), "--model", str(ws.model), "-o",
+            str(tmp / "adapter.gguf"), *extra]
+
+
+def _gpt2_export(ws: Workspace, tmp: Path) -> list[str]:
+    base = Path(str(save_tiny_model_dir(tmp / "gpt2", "gpt2")))
+    from lorakit.train.loop import load_causal_lm
+
+    peft = get_peft_model(load_causal_lm(base)[0], LoraConfig(r=2, target_modules=["c_attn"]))
+    randomize_lora(peft)
+    peft.save_pretrained(tmp / "gpt2_adapter")
+    return ["export", str(tmp / "gpt2_adapter"), "--model", str(base), "-o", str(tmp / "adapter.gguf")]
+
+
+def _dora_export(ws: Workspace, tmp: Path) -> list[str]:
+    return _gguf_export(ws, tmp, adapter=_edit_config(ws.copy_adapter(tmp), use_dora=True))
+
+
+def _existing_output(ws: Workspace, tmp: Path) -> list[str]:
+    (tmp / "adapter.gguf").write_text("precious")
+    return _gguf_export(ws, tmp)
+
+
+def _existing_import_output(ws: Workspace, tmp: Path) -> list[str]:
+    from lorakit.gguf import export_adapter
+
+    export_adapter(ws.adapter, ws.model, tmp / "adapter.gguf")
+    (tmp / "imported").mkdir()
+    (tmp / "imported" / "notes.txt").write_text("precious")
+    return ["import-gguf", str(tmp / "adapter.gguf"), "--model", str(ws.model), "-o", str(tmp / "imported")]
+
+
+def _export_adapter_call(ws: Workspace, tmp: Path, **kwargs: Any) -> Callable[[], object]:
+    from lorakit.gguf import export_adapter
+
+    return lambda: export_adapter(ws.adapter, ws.model, tmp / "adapter.gguf", **kwargs)
+
+
+def _import_full_model(ws: Workspace, tmp: Path) -> list[str]:
+    import gguf
+
+    writer = gguf.GGUFWriter(tmp / "model.gguf", "llama")
+    writer.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return ["import-gguf", str(tmp / "model.gguf"), "--model", str(ws.model), "-o", str(tmp / "imported")]
+
+
+GGUF_CASES: list[Case] = [
+    Case("gguf-export-non-llama-base", r"base architecture 'GPT2LMHeadModel' .* has no llama\.cpp GGUF mapping",
+         r"supported: LlamaForCausalLM.*merge the adapter .*convert_hf_to_gguf\.py", argv=_gpt2_export),
+    Case("gguf-export-dora", r"is a DoRA adapter \(use_dora: true\); llama\.cpp applies only plain LoRA",
+         r"merge it instead: `lorakit export --merged", argv=_dora_export),
+    Case("gguf-export-other-base", r"was saved for a different base model: base fingerprint",
+         r"Load it into the base it was trained on",
+         argv=lambda ws, tmp: ["export", str(ws.adapter), "--model", str(ws.other_model), "-o",
+                               str(tmp / "adapter.gguf")]),
+    Case("gguf-export-unknown-outtype-cli", r"--outtype: invalid choice: 'q4_k'", r"choose from .*f16.*q8_0",
+         argv=lambda ws, tmp: _gguf_export(ws, tmp, "--outtype", "q4_k")),
+    Case("gguf-export-unknown-outtype-library", r"--outtype 'q4' is not a GGUF output type",
+         r"choose one of f32, f16, bf16, q8_0",
+         call=lib(lambda ws, tmp: _export_adapter_call(ws, tmp, outtype="q4"))),
+    Case("gguf-export-output-exists", r"-o .*adapter\.gguf exists", r"pass --force to replace it",
+         argv=_existing_output),
+    Case("gguf-import-output-exists", r"-o .*imported exists", r"pass --force to replace it",
+         argv=_existing_import_output),
+    Case("gguf-import-full-model", r"is not a GGUF LoRA adapter \(general\.type=None",
+         r"expected 'adapter' and 'lora'", argv=_import_full_model),
+    Case("gguf-merged-without-base-gguf", r"--model .* is not the embedded SmolLM2",
+         r"pass --base-gguf FILE", argv=lambda ws, tmp: _gguf_export(ws, tmp, "--merged")),
+]
+
+
+@pytest.mark.parametrize("case", GGUF_CASES, ids=[case.id for case in GGUF_CASES])
+def test_bad_gguf_input(case: Case, ws: Workspace, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                        no_default_model: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same contract as ``test_bad_input`` (one clear error, nothing written) for export / import-gguf."""
+    test_bad_input(case, ws, tmp_path, capsys, no_default_model, monkeypatch)

@@ -18,7 +18,8 @@ from typing import Any, NoReturn
 from .errors import LorakitWarning
 
 # Verb modules, in the order `lorakit --help` lists them. A module missing here is simply not offered.
-VERBS = ("train", "eval", "generate", "merge", "inspect", "resize", "extract", "combine", "analyze", "serve")
+VERBS = ("train", "eval", "generate", "merge", "inspect", "resize", "extract", "combine", "analyze", "serve",
+         "export", "import_gguf")
 
 
 class UsageError(Exception):
