@@ -259,6 +259,8 @@ class Result:
         op, _, value = self.goal.partition(" ")
         if op == "<=":
             return self.ratio <= float(value)
+        if op == ">=":
+            return self.ratio >= float(value)
         if "+-" in self.goal:
             centre, tolerance = (float(v) for v in self.goal.split("+-"))
             return abs(self.ratio - centre) <= tolerance

@@ -78,14 +78,15 @@ def test_packed_loss_and_lora_gradients_equal_unpacked(make: Any, targets: list[
     unpacked = sequence_mean_loss(out.logits, padded["labels"])
     unpacked.backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    packed = packed_loss(model, packed_collate(batch, 14, pad_id=0))
-    packed.backward()
-    torch.testing.assert_close(packed, unpacked, atol=1e-5, rtol=0)
     assert len(expected) > 0 and all(g.abs().sum() > 0 for g in expected.values())
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=0, msg=name)
+    for keep_logits in (False, True):  # full logits, and the head run only where a target needs it
+        model.zero_grad()
+        packed = packed_loss(model, packed_collate(batch, 14, pad_id=0), keep_logits)
+        packed.backward()
+        torch.testing.assert_close(packed, unpacked, atol=1e-5, rtol=0)
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, expected[name], atol=1e-5, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize(("make", "targets"), MODELS)

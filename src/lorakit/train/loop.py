@@ -424,7 +424,7 @@ def _train(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, tokeni
             with runtime.no_sync(train_model, last=k == opts.grad_accum - 1):
                 batch = {k: v.to(runtime.device) for k, v in batch.items()}
                 if opts.packing:
-                    loss = packed_loss(train_model, batch) / opts.grad_accum
+                    loss = packed_loss(train_model, batch, keep_logits) / opts.grad_accum
                 else:
                     logits, labels = forward_for_loss(train_model, batch, keep_logits)
                     loss = sequence_mean_loss(logits, labels) / opts.grad_accum

@@ -116,25 +116,41 @@ def packed_sequence_loss(logits: torch.Tensor, labels: torch.Tensor, position_id
     to the example of t+1 (whose first token carries no label, so no pair crosses examples). Equals
     ``sequence_mean_loss`` of the same examples unpacked.
     """
-    shift_labels = labels[:, 1:]
-    token_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="none").view(shift_labels.shape)
-    seq = sequence_ids(position_ids)[:, 1:]
-    # one slot per (row, example): row r's examples are numbered 1.. within the row
-    slot = (seq + torch.arange(seq.shape[0], device=seq.device)[:, None] * (seq.shape[1] + 2)).reshape(-1)
-    targets = (shift_labels != IGNORE_INDEX).reshape(-1)
-    size = seq.shape[0] * (seq.shape[1] + 2)
-    sums = torch.zeros(size, dtype=token_loss.dtype, device=logits.device).index_add(0, slot, token_loss.reshape(-1))
-    counts = torch.zeros(size, dtype=token_loss.dtype, device=logits.device).index_add(0, slot, targets.to(token_loss.dtype))
+    return _example_mean_loss(logits[:, :-1], labels[:, 1:], sequence_ids(position_ids)[:, 1:])
+
+
+def _example_mean_loss(logits: torch.Tensor, targets: torch.Tensor, example: torch.Tensor) -> torch.Tensor:
+    """logits (rows, K, V) predicting ``targets`` (rows, K) of examples numbered ``example`` (rows, K) within
+    each row → the mean over examples of their mean cross-entropy (examples without a target skipped)."""
+    token_loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 ignore_index=IGNORE_INDEX, reduction="none")
+    # one slot per (row, example); example numbers are < K + 2 within a row
+    width = int(example.max()) + 2 if example.numel() else 1
+    slot = (example + torch.arange(example.shape[0], device=example.device)[:, None] * width).reshape(-1)
+    size = example.shape[0] * width
+    is_target = (targets != IGNORE_INDEX).reshape(-1).to(token_loss.dtype)
+    sums = torch.zeros(size, dtype=token_loss.dtype, device=logits.device).index_add(0, slot, token_loss)
+    counts = torch.zeros(size, dtype=token_loss.dtype, device=logits.device).index_add(0, slot, is_target)
     has = counts > 0
     if not bool(has.any()):
         return token_loss.sum() * 0.0
     return (sums[has] / counts[has]).mean()
 
 
-def packed_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Forward a :func:`packed_collate` batch through a causal LM and return :func:`packed_sequence_loss`."""
+def packed_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], keep_logits: bool = False) -> torch.Tensor:
+    """Forward a :func:`packed_collate` batch through a causal LM and return :func:`packed_sequence_loss`.
+
+    With ``keep_logits`` (the model's forward takes a ``logits_to_keep`` tensor of positions, transformers ≥
+    4.50) the vocabulary projection runs only at the columns where some row has a target next — the same
+    saving ``forward_for_loss`` makes for padded batches.
+    """
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    mask = block_causal_mask(batch["position_ids"], dtype)
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"])
-    return packed_sequence_loss(out.logits, batch["labels"], batch["position_ids"])
+    positions = batch["position_ids"]
+    mask = block_causal_mask(positions, dtype)
+    if not keep_logits:
+        out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions)
+        return packed_sequence_loss(out.logits, batch["labels"], positions)
+    needed = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0)
+    columns = torch.where(needed)[0] if bool(needed.any()) else torch.zeros(1, dtype=torch.long, device=needed.device)
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions, logits_to_keep=columns)
+    return _example_mean_loss(out.logits, batch["labels"][:, columns + 1], sequence_ids(positions)[:, columns + 1])
