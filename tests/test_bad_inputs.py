@@ -702,7 +702,7 @@ CHAT_CASES: list[Case] = [
     Case("chat-template-file-missing", r"--chat-template .*absent\.jinja does not exist", r"give a Jinja chat template",
          argv=lambda ws, tmp: train(ws, tmp, "--data", _chat_file(tmp), "--chat-template", str(tmp / "absent.jinja"))),
     Case("chat-mixed-formats", r"mixes record formats: .*line 1 is chat \(messages\), .*line 5 is prompt/completion",
-         r"one format per file",
+         r"put chat records in a file of their own",
          argv=lambda ws, tmp: chat_train(ws, tmp, {"prompt": "a", "completion": "b"})),
     Case("chat-all-labels-masked", r"all \d+ records have 0 trained tokens after truncation to --max-length 8",
          r"raise --max-length.*--train-on-inputs",

