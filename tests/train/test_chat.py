@@ -262,3 +262,45 @@ def test_stats_lines_name_every_statistic() -> None:
     for part in ("4 records", "format chat (messages)", "min 10 / median 20 / max 30", "20.0 % of 60 tokens trained",
                  "1 record(s) truncated", "1 with nothing to train", "record(s) 2"):
         assert part in text, part
+
+
+# ------------------------------------------------------------------------------------------ the chat example
+def test_trec_file_becomes_chat_records(tmp_path: Path) -> None:
+    from lorakit.train.chat_example import LABELS, SYSTEM, load_trec, trec_records
+
+    path = tmp_path / "trec.txt"
+    path.write_text("NUM:dist How far is it from Denver to Aspen ?\nLOC:city What city has the zip code 35824 ?\n"
+                    "NUM:dist How far is it from Denver to Aspen ?\nHUM:ind Who was it ?\nDESC:def Who was it ?\n")
+    pairs = load_trec(path)
+    assert pairs == [("How far is it from Denver to Aspen ?", "number"), ("What city has the zip code 35824 ?",
+                                                                          "location")]  # duplicates dropped
+    assert trec_records(pairs[:1]) == [{"messages": [
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": "How far is it from Denver to Aspen ?"},
+        {"role": "assistant", "content": "number"}]}]
+    assert LABELS == ["abbreviation", "description", "entity", "human", "location", "number"]
+
+
+def test_data_preview_marks_trained_tokens_and_prints_statistics(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import save_tiny_model_dir
+
+    from lorakit.cli import main
+
+    model = save_tiny_model_dir(tmp_path / "model", "llama")
+    template = tmp_path / "chatml.jinja"
+    template.write_text("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+                        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"},
+                                                     {"role": "assistant", "content": w}]}) + "\n"
+                            for w in ["cat", "dog", "sun"]))
+    argv = ["data", "preview", "--data", str(data), "--model", str(model), "--chat-template", str(template), "-n", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|>user\nsay cat<|im_end|>\n<|im_start|>assistant\n[[cat<|im_end|>\n]]" in out
+    assert "--- example 1:" in out and "--- example 2:" not in out
+    assert "data: 3 records, format chat (messages)" in out and "0 record(s) truncated; 0 with nothing to train" in out
+    assert main([*argv, "--train-on-inputs"]) == 0
+    assert "[[<|im_start|>user\nsay cat<|im_end|>" in capsys.readouterr().out  # the first token has no label
+    assert main([*argv, "--color"]) == 0
+    assert "\033[1;32mcat<|im_end|>\n\033[0m" in capsys.readouterr().out
