@@ -24,8 +24,8 @@ class TrainOptions:
     model: str | None = None
     """Local Hugging Face causal-LM directory; None: the embedded SmolLM2-135M-Instruct (set up on first use)."""
     data: str | None = None
-    """Training data file (JSONL/JSON/CSV/TXT: text, prompt/completion or instruction/input/output records);
-    None: the embedded Rotten Tomatoes sentiment task."""
+    """Training data file (JSONL/JSON/CSV/TXT: text, prompt/completion or instruction/input/output records;
+    JSONL/JSON: also chat messages or ShareGPT conversations); None: the embedded Rotten Tomatoes sentiment task."""
     eval_data: str | None = None
     """Held-out file; None: the default task's held-out split, or the last eval_fraction of --data."""
     eval_fraction: float = 0.1
