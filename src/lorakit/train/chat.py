@@ -21,8 +21,9 @@ Which tokens are trained (``train_on``):
 How the assistant spans are found, for any template (no template's marker strings are written here): the
 conversation is rendered prefix by prefix. For assistant message i, the render of messages[:i] with the
 generation prompt ends where its content starts, and the render of messages[:i+1] ends after its end of
-turn; the token sequences of these prefixes are compared with the full conversation's (longest common
-prefix), which gives the span's first and last token. Templates that mark assistant text with
+turn. With a fast tokenizer these two character positions are mapped to tokens through the offsets of the
+full conversation's tokenization; otherwise the prefixes' token sequences are compared with the full one
+(longest common prefix). Either gives the span's first and last token. Templates that mark assistant text with
 ``{% generation %}`` get transformers' assistant mask instead. Whitespace the template writes *after* a
 special end-of-turn token (ChatML's newline after ``<|im_end|>``) is not trained: it is layout between
 turns, never generated (generation stops at the end-of-turn token).
