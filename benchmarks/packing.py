@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = configure(args)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"lorakit packing benchmark {datetime.datetime.now():%Y-%m-%d %H:%M}, load {load:.2f}")
-    print(f"{'quick' if setup.quick else 'full'}: GPT-2 {setup.n_layer} layers d={setup.n_embd} (vocabulary widened to "
-          f"SmolLM2's 49,152), 4 steps of B16 T128 skewed ChatML conversations, c_attn r={setup.r} α={setup.alpha}, "
+    print(f"{'quick' if setup.quick else 'full'}: GPT-2 {setup.n_layer} layers d={setup.n_embd} "
+          f"vocab={max(setup.vocab, 49152)} (≥ SmolLM2's ids), 4 steps of B16 T128 skewed ChatML conversations, c_attn r={setup.r} α={setup.alpha}, "
           f"AdamW, {setup.threads} thread(s), {setup.clock} clock, median of {setup.pairs} interleaved rounds")
     print(HEADER)
     run(setup)
