@@ -249,3 +249,20 @@ def test_one_failing_rank_ends_the_job_with_a_message_naming_it(workdir: Path) -
     assert "lorakit train: error: rank 1 of 2: fault injected by LORAKIT_FAIL_ON_RANK=1 at step 3" in output
     assert failed_at and ended - failed_at[0] < timeout_s, output[-3000:]  # no rank waited out the timeout
     assert not (workdir / "failing" / "adapter").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ddp_on_one_gpu_process_trains_on_cuda_and_saves(workdir: Path, tmp_path: Path) -> None:
+    """torchrun with one process on a GPU: the nccl path, the rank on cuda:LOCAL_RANK, an adapter saved."""
+    out = tmp_path / "cuda_ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src")
+    result = subprocess.run([*launcher, "-m", "lorakit", "--", "train",
+                             *_options(workdir, out, 4, 1, "--device", "cuda", save_every=0)],
+                            env=env, text=True, capture_output=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"] == "cuda:0" and summary["world_size"] == 1
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
