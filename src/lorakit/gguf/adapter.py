@@ -39,7 +39,7 @@ from torch import nn
 from ..config import LoraConfig, TaskType
 from ..layers import Embedding, GPT2Conv1D, Linear, LoraLayer
 from .architectures import BaseLayout, read_base_layout
-from .storage import check_output, check_outtype, decode, encode, write_atomically
+from .storage import decode, encode, export_paths, write_atomically
 
 ADAPTER_NAME = "default"
 _MERGE_INSTEAD = ("merge it instead: `lorakit export --merged ADAPTER_DIR --model DIR -o model.gguf` writes the "
@@ -174,12 +174,7 @@ def export_adapter(adapter_dir: str | os.PathLike[str], model_dir: str | os.Path
     from ..commands._adapter_tools import load_base_model
     from ..model import PeftModel
 
-    adapter_path, model_path, output_path = Path(adapter_dir), Path(model_dir), Path(output)
-    check_outtype(outtype)
-    check_output(output_path, force)
-    if not adapter_path.is_dir():
-        raise FileNotFoundError(f"adapter directory {adapter_path} does not exist; pass the directory lorakit "
-                                "train / save_pretrained wrote (it holds adapter_config.json).")
+    adapter_path, model_path, output_path = export_paths(adapter_dir, model_dir, output, outtype, force)
     layout = read_base_layout(model_path)
     _refuse_unrepresentable_config(adapter_path)
     base = load_base_model(model_path, "float32")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .architectures import BaseLayout, read_base_layout
-from .storage import FILE_TYPES, check_output, check_outtype, decode, encode, write_atomically
+from .storage import FILE_TYPES, decode, encode, export_paths, write_atomically
 
 _SKIPPED_KEYS = (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZATION_VERSION)
 _VALUE_TOLERANCE = 1e-4
@@ -137,12 +137,7 @@ def export_merged(adapter_dir: str | os.PathLike[str], model_dir: str | os.PathL
     from ..commands._adapter_tools import load_base_model
     from ..model import PeftModel
 
-    adapter_path, model_path, output_path = Path(adapter_dir), Path(model_dir), Path(output)
-    check_outtype(outtype)
-    check_output(output_path, force)
-    if not adapter_path.is_dir():
-        raise FileNotFoundError(f"adapter directory {adapter_path} does not exist; pass the directory lorakit "
-                                "train / save_pretrained wrote (it holds adapter_config.json).")
+    adapter_path, model_path, output_path = export_paths(adapter_dir, model_dir, output, outtype, force)
     layout = read_base_layout(model_path)
     source = base_gguf_for(model_path, base_gguf)
     reader = _open_base(source, layout)

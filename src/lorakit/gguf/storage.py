@@ -86,6 +86,19 @@ def check_output(path: Path, force: bool) -> None:
         raise FileNotFoundError(f"-o {path}: directory {path.parent} does not exist; create it first.")
 
 
+def export_paths(adapter_dir: str | os.PathLike[str], model_dir: str | os.PathLike[str],
+                 output: str | os.PathLike[str], outtype: str, force: bool) -> tuple[Path, Path, Path]:
+    """Check an export's inputs before any work (outtype, output path, adapter directory); returns the
+    (adapter, model, output) paths."""
+    adapter_path, model_path, output_path = Path(adapter_dir), Path(model_dir), Path(output)
+    check_outtype(outtype)
+    check_output(output_path, force)
+    if not adapter_path.is_dir():
+        raise FileNotFoundError(f"adapter directory {adapter_path} does not exist; pass the directory lorakit "
+                                "train / save_pretrained wrote (it holds adapter_config.json).")
+    return adapter_path, model_path, output_path
+
+
 def write_atomically(path: Path, arch: str, fill: Callable[[gguf.GGUFWriter], None]) -> None:
     """Write a GGUF file to ``path``: a temporary file beside it, fsync'ed, then renamed over ``path``.
 
