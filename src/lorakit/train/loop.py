@@ -56,6 +56,7 @@ from .examples import tokenize_examples, training_examples
 from .options import TrainOptions
 from .packing import packed_collate, packed_loss
 from .reporting import Reporting, check_backends
+from .sampling import data_order
 
 MAX_LABELS = 10
 """Prompt/completion data whose completions take at most this many distinct values is a labelled task
@@ -250,17 +251,6 @@ def make_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tota
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-
-def data_order(n: int, seed: int, steps: int, global_batch: int) -> list[int]:
-    """Example indices for the whole run: seeded permutations, one per epoch, concatenated."""
-    needed = steps * global_batch
-    order: list[int] = []
-    epoch = 0
-    while len(order) < needed:
-        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order.extend(torch.randperm(n, generator=generator).tolist())
-        epoch += 1
-    return order[:needed]
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -482,7 +472,9 @@ def _set_up(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, token
 
     global_batch = opts.batch_size * opts.grad_accum * runtime.world
     steps = opts.max_steps or max(1, math.ceil(opts.epochs * len(examples) / global_batch))
-    order = data_order(len(examples), opts.seed, steps, global_batch)
+    # Steps of similar-length examples pad little (sampling.py); packed rows have no padding to save.
+    lengths = [len(e["input_ids"]) for e in examples] if opts.group_by_length and not opts.packing else None
+    order = data_order(len(examples), opts.seed, steps, global_batch, lengths)
     if opts.fsdp and runtime.world > 1 and (opts.save_every or opts.resume):
         raise ValueError("--fsdp does not write or read resumable checkpoints yet; drop --save-every/--resume, "
                          "or train without --fsdp (DDP checkpoints resume with any world size).")
