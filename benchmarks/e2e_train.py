@@ -1,6 +1,6 @@
 """P9: ``lorakit train`` against PEFT + transformers ``Trainer``, end to end, as whole processes.
 
-    python -m benchmarks.e2e_train [--quick] [--pairs 3] [--threads 2] [--steps 30] [--eval-size N]
+    python -m benchmarks.e2e_train [--quick] [--pairs 3] [--threads 2] [--steps 30] [--eval-size N] [--packing]
 
 Both sides fine-tune the embedded SmolLM2-135M-Instruct on the default sentiment task with the same LoRA
 config (q_proj+v_proj, r=8, α=16, dropout 0.05), batch (8), steps (30), learning rate and schedule
@@ -8,7 +8,9 @@ config (q_proj+v_proj, r=8, α=16, dropout 0.05), batch (8), steps (30), learnin
 (accuracy). Each run is a fresh ``python`` process (imports, model load, training, evaluation, saving),
 lorakit's exactly as a user runs it (``python -m lorakit train …`` with its defaults: it evaluates before
 and after, prints samples); the reference is ``benchmarks/e2e_peft_trainer.py``, the script a PEFT user
-writes. Runs alternate (A B, B A, …); ratios are taken per pair and the median reported:
+writes. ``--packing`` adds a third side, ``lorakit train --packing`` (the same examples per step, packed into
+rows of 128 tokens instead of padded), to the same rounds. Runs alternate (A B, B A, …; with packing A B C,
+C B A, …); ratios are taken per round against that round's PEFT + Trainer run and the median reported:
 
 - wall time of the process (``perf_counter`` around it), and its CPU time (user + sys from ``os.wait4``,
   which a loaded machine inflates less), trained tokens per second (non-padding tokens / wall);
@@ -57,10 +59,12 @@ def _run(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss": usage.ru_maxrss * 1024, "stdout": stdout}
 
 
-def lorakit_run(args: argparse.Namespace, out: Path, env: dict[str, str]) -> dict[str, Any]:
+def lorakit_run(args: argparse.Namespace, out: Path, env: dict[str, str], packing: bool = False) -> dict[str, Any]:
     argv = [sys.executable, "-m", "lorakit", "train", "--output-dir", str(out), "--max-steps", str(args.steps),
             "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--train-size",
             str(args.train_size), "--eval-size", str(args.eval_size), "--log-every", "1", "--no-progress"]
+    if packing:
+        argv.append("--packing")
     if args.model:
         argv += ["--model", args.model]
     result = _run(argv, env)
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-size", type=int, default=None, help="held-out records (default 500; quick 32)")
     parser.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2)")
     parser.add_argument("--cold", action="store_true", help="clear lorakit's evaluation cache before each run")
+    parser.add_argument("--packing", action="store_true", help="also run `lorakit train --packing` in every round")
     parser.add_argument("--precision", action="store_true",
                         help="instead: one training step of lorakit on SmolLM2 (B8 T64) in fp32, fp32 base + bf16 "
                              "autocast, and bf16 base, interleaved (the README's CPU precision advice)")
@@ -124,43 +129,46 @@ def main(argv: list[str] | None = None) -> int:
           f"{'quick' if args.quick else 'full'}: SmolLM2-135M, default task, {args.steps} steps of batch "
           f"{args.batch_size}, {args.eval_size} held-out, {args.threads} threads, {pairs} interleaved pair(s), "
           f"whole processes{', cold eval cache' if args.cold else ''}", flush=True)
-    ours: list[dict[str, Any]] = []
-    theirs: list[dict[str, Any]] = []
+    sides = ["lorakit", "peft"] + (["packing"] if args.packing else [])
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     try:
         for i in range(pairs):
-            order = ("lorakit", "peft") if i % 2 == 0 else ("peft", "lorakit")
-            for side in order:
+            for side in (sides if i % 2 == 0 else sides[::-1]):
                 out = work / f"{side}-{i}"
-                if side == "lorakit":
+                if side == "peft":
+                    runs[side].append(peft_run(args, out, env, model_dir))
+                else:
                     if args.cold:
                         shutil.rmtree(cache / "evaluations", ignore_errors=True)
-                    ours.append(lorakit_run(args, out, env))
-                else:
-                    theirs.append(peft_run(args, out, env, model_dir))
+                    runs[side].append(lorakit_run(args, out, env, packing=side == "packing"))
                 shutil.rmtree(out, ignore_errors=True)
-                last = (ours if side == "lorakit" else theirs)[-1]
+                last = runs[side][-1]
                 note(f"pair {i + 1} {side:<7}: wall {last['wall']:.1f} s, cpu {last['cpu']:.1f} s, peak RSS "
                      f"{last['rss'] / 2**20:.0f} MiB, loss {last['loss']:.4f}, accuracy {100 * last['accuracy']:.1f} %"
                      + (f", phases {_phases(last['phases'])}" if "phases" in last else ""))
-        report(args, ours, theirs)  # after every pair: a run cut short still has its table
+            report(args, runs["lorakit"], runs["peft"])  # after every round: a run cut short still has its table
+            if args.packing:
+                report(args, runs["packing"], runs["peft"], "lorakit train --packing")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
-def report(args: argparse.Namespace, ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> None:
+def report(args: argparse.Namespace, ours: list[dict[str, Any]], theirs: list[dict[str, Any]],
+           name: str = "lorakit train") -> None:
     """The P9 lines over the pairs measured so far (printed after every pair, so a cut-short run still reports)."""
     pairs = min(len(ours), len(theirs))
     ours, theirs = ours[:pairs], theirs[:pairs]
-    print(f"after {pairs} pair(s), load {os.getloadavg()[0]:.2f}:")
+    print(f"{name}, after {pairs} pair(s), load {os.getloadavg()[0]:.2f}:")
     print(HEADER)
     ratio = lambda key: statistics.median(a[key] / b[key] for a, b in zip(ours, theirs, strict=True))  # noqa: E731
     mid = lambda runs, key: statistics.median(r[key] for r in runs)  # noqa: E731
-    print_result(Result("P9", "e2e wall, lorakit train / PEFT + Trainer", mid(ours, "wall"), mid(theirs, "wall"),
+    tag = "" if name == "lorakit train" else " (--packing)"
+    print_result(Result("P9", f"e2e wall, {name} / PEFT + Trainer", mid(ours, "wall"), mid(theirs, "wall"),
                         ratio("wall"), "<= 0.67", unit="s"))
-    print_result(Result("P9", "e2e peak RSS, lorakit train / PEFT + Trainer", mid(ours, "rss") / 2**20,
+    print_result(Result("P9", f"e2e peak RSS, {name} / PEFT + Trainer", mid(ours, "rss") / 2**20,
                         mid(theirs, "rss") / 2**20, ratio("rss"), "<= 0.85", unit="MiB"))
-    print_result(Result("P9", "e2e CPU time (user+sys), lorakit / PEFT + Trainer", mid(ours, "cpu"),
+    print_result(Result("P9", f"e2e CPU time (user+sys), lorakit{tag} / PEFT + Trainer", mid(ours, "cpu"),
                         mid(theirs, "cpu"), ratio("cpu"), "<= 0.67", unit="s"))
     rate = [o["tokens"] / o["wall"] for o in ours], [t["tokens"] / t["wall"] for t in theirs]
     note(f"trained tokens/s: lorakit {statistics.median(rate[0]):.0f}, PEFT + Trainer {statistics.median(rate[1]):.0f} "
@@ -170,6 +178,8 @@ def report(args: argparse.Namespace, ours: list[dict[str, Any]], theirs: list[di
     se = (0.25 / args.eval_size) ** 0.5
     note(f"held-out accuracy (n={args.eval_size}, one standard error ≈ {100 * se:.1f} points): lorakit "
          f"{100 * mid(ours, 'accuracy'):.1f} %, PEFT + Trainer {100 * mid(theirs, 'accuracy'):.1f} %")
+    if name != "lorakit train":
+        return  # its first run already finds the evaluation cache warm
     note(f"lorakit's first run (cold evaluation cache): wall {ours[0]['wall']:.1f} s = "
          f"{ours[0]['wall'] / theirs[0]['wall']:.3f}× its pair's PEFT + Trainer run")
 
