@@ -472,8 +472,9 @@ def _set_up(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, token
 
     global_batch = opts.batch_size * opts.grad_accum * runtime.world
     steps = opts.max_steps or max(1, math.ceil(opts.epochs * len(examples) / global_batch))
-    # Steps of similar-length examples pad little (sampling.py); packed rows have no padding to save.
-    lengths = [len(e["input_ids"]) for e in examples] if opts.group_by_length and not opts.packing else None
+    # Steps of similar-length examples pad little (sampling.py). With --packing too, so that packing changes
+    # only how a step's examples are laid out, never which examples a step holds.
+    lengths = [len(e["input_ids"]) for e in examples] if opts.group_by_length else None
     order = data_order(len(examples), opts.seed, steps, global_batch, lengths)
     if opts.fsdp and runtime.world > 1 and (opts.save_every or opts.resume):
         raise ValueError("--fsdp does not write or read resumable checkpoints yet; drop --save-every/--resume, "

@@ -127,7 +127,8 @@ class TrainOptions:
     """Pack each micro-batch's examples into rows of max_length (positions and attention restart per example)."""
     group_by_length: bool = True
     """Put examples of similar length in the same step (less padding: each epoch still visits every example
-    once, the steps in random order); ignored with --packing. --no-group-by-length: plain random batches."""
+    once, the steps in random order; with --packing the same steps are packed). --no-group-by-length: plain
+    random batches."""
     token_cache: bool = True
     """Cache tokenized --data under the lorakit cache (a rerun or resume reuses it)."""
     example: str | None = None

@@ -4,7 +4,7 @@ A step's micro-batch is padded to its longest example, so a step that mixes a 12
 review spends most of its compute on padding: on the default task (reviews of 11–72 tokens, batch 8)
 random batches are 31 % padding. ``group_by_length`` (transformers' ``group_by_length`` idea, on by
 default in ``lorakit train``) sorts each run of ``MEGABATCH_STEPS`` steps by length and shuffles the
-resulting steps, so a step holds examples of similar length (≈ 2 % padding there) while every epoch
+resulting steps, so a step holds examples of similar length (1.5 % padding there) while every epoch
 still visits each example once, in an order that stays random at the scale of the run.
 """
 
