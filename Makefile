@@ -25,7 +25,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-# Opt-in: builds llama-cpp-python from its PyPI sdist once (~40 min on two cores, cached in ~/.cache/lorakit/llamacpp)
+# Opt-in: builds llama-cpp-python from its PyPI sdist once (~30 min on two cores, cached in ~/.cache/lorakit/llamacpp)
 # and checks lorakit's GGUF files in llama.cpp itself (tests/test_llamacpp.py; skipped by `make test`).
 test-llamacpp: setup
 	$(BIN)/python tests/llamacpp_tools.py install

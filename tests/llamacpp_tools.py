@@ -6,7 +6,7 @@ Both come from the one source distribution ``llama-cpp-python==0.3.36`` (PyPI ha
 - ``converter-0.3.36/``: ``convert_lora_to_gguf.py``, ``convert_hf_to_gguf.py``, ``conversion/`` and
   ``gguf-py/`` out of the sdist's ``vendor/llama.cpp/`` (pure Python; nothing is built) — what
   tests/test_gguf.py compares lorakit's export with;
-- ``wheels/llama_cpp_python-0.3.36-*.whl``: the sdist compiled once (cmake + gcc, ~40 min on two busy
+- ``wheels/llama_cpp_python-0.3.36-*.whl``: the sdist compiled once (cmake + gcc, ~30 min on two busy
   cores; on x86 a portable AVX2 build, see ``wheel``), then installed with ``--no-deps`` into the running
   interpreter — what tests/test_llamacpp.py runs.
 
@@ -87,7 +87,7 @@ def wheel() -> Path:
     if found:
         return found[-1]
     wheels.mkdir(parents=True, exist_ok=True)
-    print(f"building llama-cpp-python {VERSION} from source into {wheels} (~40 min on two cores)", flush=True)
+    print(f"building llama-cpp-python {VERSION} from source into {wheels} (~30 min on two cores)", flush=True)
     env = dict(os.environ)
     if platform.machine().lower() in ("x86_64", "amd64"):
         # A portable AVX2 build: -march=native (llama.cpp's default) enables AMX / AVX-512 kernels that die

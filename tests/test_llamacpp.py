@@ -124,7 +124,7 @@ def _torch_greedy(model: Any, ids: list[int]) -> list[int]:
         for _ in range(NEW_TOKENS):
             token = int(out.logits[0, -1].argmax())
             tokens.append(token)
-            out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=torch.tensor([[token]]), cache=out.cache, use_cache=True)  # transformers 5 names it cache
     return tokens
 
 
