@@ -1,8 +1,9 @@
 """llama.cpp itself runs lorakit's GGUF files (opt-in: ``make test-llamacpp``; needs a built llama-cpp-python).
 
 The embedded SmolLM2-135M-Instruct as llama.cpp ships it (the original Q4_1 GGUF) with a sentiment adapter
-that ``lorakit train`` trained (10 steps) on the dequantized fp32 copy of the same weights, exported by ``lorakit
-export``:
+that ``lorakit train`` trained (the default run, one epoch of 640 reviews, with LoRA on all seven linear
+projections so that every tensor name llama.cpp maps is exercised) on the dequantized fp32 copy of the same
+weights, exported by ``lorakit export``:
 
 1. Adapter. For 200 reviews the adapter was not trained on, the change the adapter makes to the next-token logits,
    Δ = logits(with adapter) − logits(without), in llama.cpp (``Llama(model_path=Q4_1, lora_path=…)``)
@@ -37,7 +38,7 @@ pytestmark = [
                        reason="opt-in: `make test-llamacpp` builds llama-cpp-python and runs this"),
 ]
 
-STEPS = 10
+TARGETS = "all-linear"  # q, k, v, o, gate, up, down: each llama.cpp tensor name, and the q/k permutation
 TRAINED_ON = 640  # `lorakit train`'s default --train-size: the first 640 records of the task's training split
 HELDOUT = int(os.environ.get("LORAKIT_LLAMACPP_REVIEWS", "200"))  # fewer only to fit an overloaded machine
 PROMPTS = int(os.environ.get("LORAKIT_LLAMACPP_PROMPTS", "20"))
@@ -48,17 +49,17 @@ OPEN_PROMPTS = ["The capital of France is", "Once upon a time", "The best way to
 
 
 def _trained_adapter() -> Path:
-    """A sentiment adapter from `lorakit train` (default task, 10 steps: the agreement checked here does not
-    depend on how well it classifies), trained once into the cache."""
+    """A sentiment adapter from `lorakit train` (default task and schedule, all-linear), trained once into the
+    cache."""
     from llamacpp_tools import cache
 
     from lorakit.cli import main
 
-    final = cache() / f"sentiment-{STEPS}steps"
+    final = cache() / f"sentiment-{TARGETS}"
     if not (final / "adapter" / "adapter_model.safetensors").is_file():
-        staging = cache() / f".sentiment-{STEPS}steps.tmp"
+        staging = cache() / f".sentiment-{TARGETS}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
-        code = main(["train", "--max-steps", str(STEPS), "--eval-size", "2", "--samples", "0",
+        code = main(["train", "--target-modules", TARGETS, "--eval-size", "2", "--samples", "0",
                      "--no-progress", "--threads", "2", "--output-dir", str(staging)])
         assert code == 0
         shutil.rmtree(final, ignore_errors=True)
