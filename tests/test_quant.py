@@ -110,6 +110,15 @@ def test_quantizing_before_or_after_get_peft_model_is_the_same(quant_type: str) 
         torch.testing.assert_close(first(input_ids=ids).logits, second(input_ids=ids).logits, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_parameter_count_includes_the_quantized_weights(quant_type: str) -> None:
+    """`trainable of N parameters` counts a quantized layer as its out × in weights (its codes are a buffer)."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    plain = get_peft_model(make_llama(), config)
+    quantized = quantize_model(get_peft_model(make_llama(), config), quant_type)
+    assert quantized.get_nb_trainable_parameters() == plain.get_nb_trainable_parameters()
+
+
 def _trained_on_quantized(quant_type: str) -> tuple[nn.Module, PeftModel]:
     """(fp32 base, a PeftModel on its quantized copy with non-zero B)."""
     base = make_llama()

@@ -144,7 +144,13 @@ class PeftModel(nn.Module):
         return self.base_model.model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters), each counted once even if shared (tied weights)."""
+        """(trainable parameters, all parameters), each counted once even if shared (tied weights).
+
+        A quantized base layer (``lorakit.quant.QuantizedLinear``) keeps its weight as packed codes in a
+        buffer, not a parameter; it counts as the out × in weights it stands for, as PEFT counts 4-bit ones.
+        """
+        from .quant import QuantizedLinear
+
         seen: set[int] = set()
         trainable = total = 0
         for param in self.parameters():
@@ -153,6 +159,7 @@ class PeftModel(nn.Module):
             seen.add(id(param))
             total += param.numel()
             trainable += param.numel() if param.requires_grad else 0
+        total += sum(m.out_features * m.in_features for m in self.modules() if isinstance(m, QuantizedLinear))
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
