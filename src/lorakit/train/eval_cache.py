@@ -5,7 +5,7 @@ again (on the default task that is ~40 % of a 30-step run on a CPU).
 
 The key is a sha256 over: every file of the model directory (name, size, modification time), the held-out
 records and label words, and each setting the numbers depend on (max length, evaluation batch, dtype,
-autocast, device type, whether the loss is measured). A changed or replaced file changes the key; a model
+quantization, autocast, device type, whether the loss is measured, chat rendering and masking). A changed or replaced file changes the key; a model
 passed in as an object (not a directory) is never cached. A cache file that cannot be read is ignored and
 rewritten; writes are atomic (a temporary file renamed into place).
 """

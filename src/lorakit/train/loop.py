@@ -571,6 +571,7 @@ def _evaluate_before(run: _Run, model_dir: Path | None) -> dict[str, float]:
     key = None
     if opts.eval_cache and model_dir is not None and run.runtime.world == 1:
         settings = {"max_length": opts.max_length, "batch_size": opts.batch_size, "dtype": opts.dtype,
+                    "quantize": opts.quantize,  # a quantized base is another base: NF4 moves the accuracy
                     "autocast": opts.autocast, "device": run.runtime.device.type, "loss": bool(opts.eval_every),
                     # chat rendering and masking decide the held-out tokens and labels
                     "chat_template": _file_text(opts.chat_template), "train_on_inputs": opts.train_on_inputs,
