@@ -258,3 +258,34 @@ def test_lorakit_train_with_quantize_and_loraplus(tmp_path: Path) -> None:
     base, _ = load_causal_lm(model_dir)
     loaded = PeftModel.from_pretrained(base, out / "adapter")  # fingerprint: the full-precision base
     assert not any(isinstance(m, QuantizedLinear) for m in loaded.modules())
+
+
+def test_lorakit_train_with_quantize_adapts_every_linear_layer_by_default(tmp_path: Path) -> None:
+    """Without --target-modules, `lorakit train --quantize` trains QLoRA's all-linear adapter (plain runs
+    keep q_proj+v_proj)."""
+    import json
+
+    from conftest import save_tiny_model_dir
+
+    from lorakit.cli import main
+
+    model_dir = Path(str(save_tiny_model_dir(tmp_path / "model")))
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"is {w} short ->", "completion": " Y" if len(w) < 4 else " N"})
+                            + "\n" for w in ["cat", "bird", "sun", "lamp"] * 2))
+    adapted = {}
+    for name, extra in (("plain", []), ("nf4", ["--quantize", "nf4"])):
+        out = tmp_path / name
+        assert main(["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out),
+                     "--max-steps", "1", "--no-progress", "--samples", "0", "--threads", "1", *extra]) == 0
+        keys = _safetensors_keys(out / "adapter" / "adapter_model.safetensors")
+        adapted[name] = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys}
+    assert adapted["plain"] == {"q_proj", "v_proj"}
+    assert adapted["nf4"] == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return list(handle.keys())

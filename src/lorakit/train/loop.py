@@ -168,8 +168,15 @@ def _labels_distinguishable(labels: list[str], tokenizer: Any) -> bool:
     return all(firsts) and len(set(firsts)) == len(firsts)
 
 
-def default_targets(model: nn.Module) -> list[str] | str:
-    """q_proj+v_proj (the paper's choice) where they exist, c_attn for GPT-2, else all-linear."""
+def default_targets(model: nn.Module, quantized: bool = False) -> list[str] | str:
+    """q_proj+v_proj (the paper's choice) where they exist, c_attn for GPT-2, else all-linear.
+
+    On a quantized base (``--quantize``) all-linear, as QLoRA trains it (Dettmers et al. 2023, §4: LoRA on
+    every linear layer of the blocks is what matches 16-bit fine-tuning; PEFT's and axolotl's QLoRA recipes
+    use it too), so that the adapter can also correct the rounding of every quantized layer.
+    """
+    if quantized:
+        return "all-linear"
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     if {"q_proj", "v_proj"} <= names:
         return ["q_proj", "v_proj"]
@@ -452,7 +459,7 @@ def _set_up(opts: TrainOptions, runtime: Runtime, model: nn.Module | None, token
 
     torch.manual_seed(opts.seed)
     random.seed(opts.seed)
-    targets: list[str] | str = opts.target_modules or default_targets(model)
+    targets: list[str] | str = opts.target_modules or default_targets(model, quantized=bool(opts.quantize))
     if targets == ["all-linear"]:
         targets = "all-linear"
     config = LoraConfig(r=opts.r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,

@@ -38,7 +38,7 @@ class TrainOptions:
     """Evaluate on at most this many held-out examples (None: all)."""
     target_modules: list[str] | None = None
     """Modules to adapt, comma-separated, or all-linear; None: q_proj+v_proj (Llama-style), c_attn (GPT-2),
-    else all-linear."""
+    else all-linear — and all-linear with --quantize (QLoRA's recipe)."""
     r: int = 8
     """LoRA rank."""
     lora_alpha: float = 16
