@@ -7,7 +7,9 @@
 - train step (forward + backward + AdamW) on the NF4 base / on the fp32 base, interleaved, median of
   ≥ 5 rounds; reported, and profiled when above 2× (the top ops by self CPU time of one NF4 step);
 - ``--accuracy``: the default ``lorakit train`` task (SmolLM2-135M-Instruct, Rotten Tomatoes) trained
-  twice, fp32 base and ``--quantize nf4``, held-out accuracy difference in points, goal within 2;
+  twice, ``lorakit train`` (fp32 base, q_proj+v_proj) and ``lorakit train --quantize nf4`` (NF4 base, and
+  all-linear: ``--quantize``'s default targets, QLoRA's recipe), held-out accuracy difference in points,
+  goal within 2;
 - ``--base-accuracy N``: companion, the same task's accuracy of the untrained base, fp32 and NF4.
 
 Model: a randomly initialised Llama with SmolLM2-135M's shapes (30 layers, d=576, MLP 1536, 9 heads,
