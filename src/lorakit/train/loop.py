@@ -259,7 +259,6 @@ def make_schedule(optimizer: torch.optim.Optimizer, kind: str, warmup: int, tota
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-
 # ------------------------------------------------------------------------------------------- evaluation
 def evaluate(model: nn.Module, tokenizer: Any, task: Task, opts: TrainOptions,
              with_loss: bool = False) -> dict[str, float]:
